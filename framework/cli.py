@@ -1,0 +1,239 @@
+"""The ``cifarx`` command: parse options, look up plugins, call the engine, report."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from . import __version__, engine, tracking
+from .console import TrainingProgress, duration, err, out, ui_hint
+from .errors import UserError
+from .registry import Catalog, catalog as load_catalog
+
+app = typer.Typer(
+    name="cifarx", no_args_is_help=True, add_completion=False,
+    help="Train, probe and attack small-image CNNs; every run is tracked in MLflow.")
+
+
+def command(fn):
+    """Register a command whose UserError becomes one line and exit status 2."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            typer.echo(f"cifarx: error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.echo("cifarx: interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return app.command()(run)
+
+
+def plugins_catalog() -> Catalog:
+    found = load_catalog()
+    for problem in found.problems:
+        typer.echo(f"cifarx: warning: {problem}", err=True)
+    return found
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"cifarx {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+):
+    pass
+
+
+# Options shared by the commands that run something.
+Device = Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")]
+Seed = Annotated[int, typer.Option(help="Seed for weights, batches, augmentation and attacks.")]
+DataDir = Annotated[Optional[Path], typer.Option(
+    help="Folder holding the dataset files [default: $CIFARX_DATA_DIR or ~/.cache/cifarx].",
+    show_default=False)]
+Experiment = Annotated[str, typer.Option(help="MLflow experiment name.")]
+RunName = Annotated[Optional[str], typer.Option(help="MLflow run name [default: from the options].",
+                                                show_default=False)]
+TrackingUri = Annotated[Optional[str], typer.Option(
+    help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db].",
+    show_default=False)]
+DatasetName = Annotated[str, typer.Option("--dataset", help="Dataset plugin.")]
+
+PER_ARCH = "[default: the architecture's, else {}]"
+
+
+@command
+def train(
+    arch: Annotated[str, typer.Option(help="Architecture plugin (see `cifarx plugins`).")] = "table1",
+    aug: Annotated[str, typer.Option(
+        help="Comma list of augmentation plugins. flip and crop imply normalize unless raw "
+             "is named; the plugins fix the order.")] = "flip,crop",
+    dataset: DatasetName = "cifar10",
+    train_split: Annotated[str, typer.Option(
+        help="Training images: batch1 (train batch #1, 10,000) or all (50,000).")] = "batch1",
+    data_dir: DataDir = None,
+    iters: Annotated[int, typer.Option(help="Training iterations.")] = 2000,
+    batch_size: Annotated[int, typer.Option(help="Images per iteration.")] = 100,
+    eval_every: Annotated[int, typer.Option(
+        help="Evaluate on the test set every N iterations (an 'epoch').")] = 100,
+    optimizer: Annotated[Optional[str], typer.Option(
+        help=f"{', '.join(engine.OPTIMIZERS)} " + PER_ARCH.format(engine.DEFAULTS['optimizer']),
+        show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option(
+        help="Peak learning rate " + PER_ARCH.format(engine.DEFAULTS['lr']),
+        show_default=False)] = None,
+    momentum: Annotated[Optional[float], typer.Option(
+        help="Momentum (sgd, nesterov, rmsprop) " + PER_ARCH.format(engine.DEFAULTS['momentum']),
+        show_default=False)] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(
+        help="L2 weight decay " + PER_ARCH.format(engine.DEFAULTS['weight_decay']),
+        show_default=False)] = None,
+    schedule: Annotated[Optional[str], typer.Option(
+        help=f"Learning-rate schedule: {', '.join(engine.SCHEDULES)} "
+             + PER_ARCH.format(engine.DEFAULTS['schedule']), show_default=False)] = None,
+    probe: Annotated[str, typer.Option(help="Comma list of probe plugins to record.")] = "",
+    seed: Seed = 0,
+    device: Device = "auto",
+    threads: Annotated[Optional[int], typer.Option(
+        help="CPU threads [default: torch's choice].", show_default=False)] = None,
+    experiment: Experiment = tracking.DEFAULT_EXPERIMENT,
+    run_name: RunName = None,
+    tracking_uri: TrackingUri = None,
+):
+    """Train an architecture and log the run, its curves and the model to MLflow."""
+    config = engine.TrainConfig(
+        arch=arch, aug=engine.parse_list(aug), dataset=dataset, train_split=train_split,
+        data_dir=str(data_dir) if data_dir else None, iters=iters, batch_size=batch_size,
+        eval_every=eval_every, optimizer=optimizer, lr=lr, momentum=momentum,
+        weight_decay=weight_decay, schedule=schedule, seed=seed, device=device, threads=threads,
+        probes=engine.parse_list(probe))
+    plan = engine.plan(config, plugins_catalog())
+    data = plan.load_data()
+    uri = tracking.tracking_uri(tracking_uri)
+    label = f"{plan.config.arch} ({','.join(plan.pipeline.names)})"
+    with tracking.start_run(uri, experiment, run_name or label, engine.run_tags(plan)) as run:
+        with TrainingProgress(plan.config.iters, plan.config.batch_size, label) as progress:
+            result = engine.train(plan, data, run, on_update=progress.update)
+        experiment_id = run.experiment_id
+    out.print(f"[bold]{label}[/]: final test accuracy [bold green]{result.test_acc:.2%}[/] "
+              f"(loss {result.test_loss:.3f}) after {plan.config.iters} iterations in "
+              f"{duration(result.seconds)}, {result.images_per_second:,.0f} img/s on {plan.device}",
+              soft_wrap=True)
+    out.print(f"run {run.id}  model {result.model_uri}", highlight=False, soft_wrap=True)
+    out.print(ui_hint(uri, experiment_id, run.id), highlight=False, soft_wrap=True)
+
+
+@command
+def evaluate(
+    model: Annotated[str, typer.Option(
+        help="runs:/<run id>/model, models:/<name>/<version>, or a local MLflow model folder.")],
+    dataset: DatasetName = "cifar10",
+    data_dir: DataDir = None,
+    device: Device = "auto",
+    experiment: Experiment = tracking.DEFAULT_EXPERIMENT,
+    run_name: RunName = None,
+    tracking_uri: TrackingUri = None,
+):
+    """Test accuracy, per-class accuracy and a confusion matrix, logged as a run."""
+    from .data import resolve_data_dir, resolve_device
+    from .evaluation import evaluate_model
+
+    found = plugins_catalog().get("dataset", dataset)
+    target = resolve_device(device)
+    uri = tracking.tracking_uri(tracking_uri)
+    net = tracking.load_model(model, uri, target)
+    data = found.load(resolve_data_dir(data_dir), found.splits[0])
+    tags = {"cifarx.model_uri": model, "cifarx.dataset": found.name, "cifarx.device": str(target)}
+    source = tracking.source_run_id(model)
+    if source:
+        tags["cifarx.source_run"] = source
+    with tracking.start_run(uri, experiment, run_name or f"evaluate {model}", tags) as run:
+        report = evaluate_model(net, data, target, run)
+        experiment_id = run.experiment_id
+    out.print(report.table())
+    out.print(f"test accuracy [bold green]{report.accuracy:.2%}[/] (loss {report.loss:.3f}); "
+              f"run {run.id}", highlight=False, soft_wrap=True)
+    out.print(ui_hint(uri, experiment_id, run.id), highlight=False, soft_wrap=True)
+
+
+@command
+def plugins(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+):
+    """List the installed plugins: name, kind, package, version, summary."""
+    from rich.table import Table
+
+    found = plugins_catalog()
+    clashes = {key for key in found.clashes()}
+    rows = [dict(name=e.name, kind=e.kind, package=e.package, version=e.version,
+                 summary=e.summary, clash=(e.kind, e.name) in clashes)
+            for e in sorted(found.entries, key=lambda e: (e.kind, e.name, e.package))]
+    if as_json:
+        typer.echo(json.dumps({"plugins": rows, "problems": found.problems}, indent=2))
+        return
+    table = Table("name", "kind", "package", "version", "summary", title="cifarx plugins")
+    for row in rows:
+        name = f"[red]{row['name']} (clash)[/]" if row["clash"] else row["name"]
+        table.add_row(name, row["kind"], row["package"], row["version"], row["summary"])
+    out.print(table)
+    if clashes:
+        out.print("[red]names in red are registered by more than one package; using them is an "
+                  "error until one is uninstalled or CIFARX_LOAD_PLUGINS picks one[/]")
+
+
+@command
+def describe(
+    arch: Annotated[str, typer.Argument(help="Architecture plugin name.")],
+    image_size: Annotated[int, typer.Option(help="Input height and width.")] = 32,
+    channels: Annotated[int, typer.Option(help="Input channels.")] = 3,
+    num_classes: Annotated[int, typer.Option(help="Output classes.")] = 10,
+):
+    """Print an architecture's layers with output shapes and parameter counts."""
+    from rich.table import Table
+
+    from .model import describe as layer_rows
+
+    found = plugins_catalog().get("architecture", arch)
+    net = found.build(num_classes=num_classes, in_channels=channels, image_size=image_size)
+    rows = layer_rows(net, (channels, image_size, image_size))
+    table = Table("layer", "type", "output shape", "params",
+                  title=f"{found.name}: {found.summary}", caption=f"input {channels}x{image_size}"
+                  f"x{image_size}; total parameters {sum(p.numel() for p in net.parameters()):,}")
+    for row in rows:
+        table.add_row(row.name, row.kind, " x ".join(map(str, row.output_shape)), f"{row.params:,}")
+    out.print(table)
+
+
+@command
+def ui(
+    port: Annotated[int, typer.Option(help="Port to serve on.")] = 5000,
+    tracking_uri: TrackingUri = None,
+):
+    """Start the MLflow UI on the same store, bound to 127.0.0.1."""
+    uri = tracking.tracking_uri(tracking_uri)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+           "--host", "127.0.0.1", "--port", str(port)]
+    err.print(f"MLflow UI for {uri} at http://127.0.0.1:{port} (Ctrl-C stops it)", highlight=False)
+    try:
+        raise typer.Exit(subprocess.call(cmd, env={**os.environ, "MLFLOW_TRACKING_URI": uri}))
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
+
+
+def main():
+    app(prog_name="cifarx")

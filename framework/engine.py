@@ -1,0 +1,350 @@
+"""Training and evaluation.
+
+One training step::
+
+    uint8 images on device --index--> batch --"pixels" augs--> normalize --"normalized" augs-->
+    net --> loss --> backward --> probes --> optimizer step --> metrics kept on the device
+
+Metrics reach the host (and MLflow) every ``FLUSH_EVERY`` steps and at each evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import __version__
+from .data import BatchSampler, resolve_data_dir, resolve_device
+from .errors import UserError
+from .model import Classifier
+from .plugin_types import Architecture, Augmentation, Dataset, ImageData, Probe
+from .registry import Catalog, catalog as default_catalog
+from .tracking import MetricLog, Run, data_digest, git_commit
+
+OPTIMIZERS = ("sgd", "nesterov", "adam", "adagrad", "adadelta", "rmsprop")
+SCHEDULES = ("none", "step", "exponential", "cosine", "onecycle")
+
+# Chosen by measurement: table1 with flip,crop on train batch #1, 2,000 iterations of 100
+# (see the README's "Defaults" section for the sweep). Architectures may declare their own.
+DEFAULTS = {"optimizer": "nesterov", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4,
+            "schedule": "onecycle"}
+
+FLUSH_EVERY = 25  # steps between metric transfers to the host
+EVAL_BATCH = 1000
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on. ``None`` means "the default" (see :func:`plan`)."""
+
+    arch: str = "table1"
+    aug: tuple[str, ...] = ("flip", "crop")
+    dataset: str = "cifar10"
+    train_split: str = "batch1"
+    data_dir: str | None = None
+    iters: int = 2000
+    batch_size: int = 100
+    eval_every: int = 100
+    optimizer: str | None = None
+    lr: float | None = None
+    momentum: float | None = None
+    weight_decay: float | None = None
+    schedule: str | None = None
+    seed: int = 0
+    device: str = "auto"
+    threads: int | None = None
+    probes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """The augmentations of a run, in the order they apply."""
+
+    pixels: tuple[Augmentation, ...]
+    normalize: Augmentation
+    normalized: tuple[Augmentation, ...]
+
+    @property
+    def names(self) -> list[str]:
+        return [a.name for a in (*self.pixels, self.normalize, *self.normalized)]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated run: the config with every default filled in, and the plugins it uses."""
+
+    config: TrainConfig
+    arch: Architecture
+    dataset: Dataset
+    pipeline: Pipeline
+    probes: tuple[Probe, ...]
+    device: torch.device
+
+    def params(self) -> dict[str, Any]:
+        """The resolved config, flat, for MLflow params."""
+        flat = asdict(self.config)
+        flat["aug"] = ",".join(self.pipeline.names)
+        flat["probes"] = ",".join(self.config.probes)
+        flat["data_dir"] = str(resolve_data_dir(self.config.data_dir))
+        flat["device"] = str(self.device)
+        flat["threads"] = self.config.threads or torch.get_num_threads()
+        return flat
+
+    def load_data(self) -> ImageData:
+        data = self.dataset.load(resolve_data_dir(self.config.data_dir), self.config.train_split)
+        if self.config.batch_size > len(data.train_images):
+            raise UserError(f"--batch-size {self.config.batch_size} is larger than the "
+                            f"{len(data.train_images)} training images")
+        return data
+
+
+@dataclass
+class Result:
+    model: Classifier
+    history: dict[str, list[tuple[int, float]]]
+    test_acc: float
+    test_loss: float
+    seconds: float
+    images_per_second: float
+    model_uri: str | None = None
+
+
+def parse_list(text: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """``"flip, crop"`` -> ``("flip", "crop")``, dropping blanks and repeats."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    return tuple(dict.fromkeys(i.strip() for i in items if i.strip()))
+
+
+def build_pipeline(catalog: Catalog, names: tuple[str, ...]) -> Pipeline:
+    """Order the named augmentations by stage; ``normalize`` unless a normalization is named.
+
+    Within a stage the order is alphabetical: it never depends on the order the user typed.
+    """
+    augs = [catalog.get("augmentation", name) for name in names]
+    normalizers = [a for a in augs if a.stage == "normalize"]
+    if len(normalizers) > 1:
+        raise UserError(f"--aug names {len(normalizers)} normalizations "
+                        f"({', '.join(a.name for a in normalizers)}); choose one")
+    by_stage = lambda stage: tuple(sorted((a for a in augs if a.stage == stage),  # noqa: E731
+                                          key=lambda a: a.name))
+    return Pipeline(pixels=by_stage("pixels"),
+                    normalize=normalizers[0] if normalizers else catalog.get("augmentation",
+                                                                              "normalize"),
+                    normalized=by_stage("normalized"))
+
+
+def plan(config: TrainConfig, catalog: Catalog | None = None) -> Plan:
+    """Check every name and value, and fill the defaults, before anything slow happens."""
+    catalog = catalog or default_catalog()
+    arch = catalog.get("architecture", config.arch)
+    dataset = catalog.get("dataset", config.dataset)
+    if config.train_split not in dataset.splits:
+        raise UserError(f"unknown --train-split {config.train_split!r} for {dataset.name}; "
+                        f"accepted: {', '.join(dataset.splits)}")
+    pipeline = build_pipeline(catalog, parse_list(config.aug))
+    probes = tuple(catalog.get("probe", name) for name in parse_list(config.probes))
+    for key in ("iters", "batch_size", "eval_every"):
+        if getattr(config, key) < 1:
+            raise UserError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(config, key)}")
+    filled = {key: getattr(config, key) if getattr(config, key) is not None
+              else arch.defaults.get(key, default) for key, default in DEFAULTS.items()}
+    if filled["optimizer"] not in OPTIMIZERS:
+        raise UserError(f"unknown optimizer {filled['optimizer']!r}; accepted: {', '.join(OPTIMIZERS)}")
+    if filled["schedule"] not in SCHEDULES:
+        raise UserError(f"unknown schedule {filled['schedule']!r}; accepted: {', '.join(SCHEDULES)}")
+    if not filled["lr"] > 0:
+        raise UserError(f"--lr must be positive, got {filled['lr']}")
+    if not 0 <= filled["momentum"] < 1:
+        raise UserError(f"--momentum must be in [0, 1), got {filled['momentum']}")
+    if filled["weight_decay"] < 0:
+        raise UserError(f"--weight-decay must be >= 0, got {filled['weight_decay']}")
+    if config.threads is not None and config.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {config.threads}")
+    resolved = replace(config, aug=tuple(a.name for a in augs_in(pipeline)),
+                       probes=tuple(p.name for p in probes), **filled)
+    return Plan(resolved, arch, dataset, pipeline, probes, resolve_device(config.device))
+
+
+def augs_in(pipeline: Pipeline) -> tuple[Augmentation, ...]:
+    return (*pipeline.pixels, pipeline.normalize, *pipeline.normalized)
+
+
+def make_optimizer(name: str, params, lr: float, momentum: float, weight_decay: float):
+    if name in ("sgd", "nesterov"):
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                               nesterov=name == "nesterov" and momentum > 0)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adagrad":
+        return torch.optim.Adagrad(params, lr=lr, weight_decay=weight_decay)
+    if name == "adadelta":
+        return torch.optim.Adadelta(params, lr=lr, weight_decay=weight_decay)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    raise ValueError(name)
+
+
+def lr_factor(schedule: str, iters: int) -> Callable[[int], float]:
+    """The learning-rate multiplier after ``step`` optimizer steps."""
+    if schedule == "none":
+        return lambda step: 1.0
+    if schedule == "step":  # x0.1 at half and at three quarters of the run
+        return lambda step: 0.1 ** ((step >= iters // 2) + (step >= 3 * iters // 4))
+    if schedule == "exponential":  # down to 1% at the end
+        return lambda step: 0.01 ** (step / iters)
+    if schedule == "cosine":
+        return lambda step: 0.5 * (1 + math.cos(math.pi * min(step, iters) / iters))
+    if schedule == "onecycle":  # linear warm-up for 20% of the run, then linear decay to zero
+        warm = max(1, iters // 5)
+        return lambda step: step / warm if step < warm else max(0.0, (iters - step) / (iters - warm))
+    raise ValueError(schedule)
+
+
+def speed_settings(device: torch.device) -> tuple[bool, torch.dtype | None]:
+    """(channels_last, autocast dtype) for the device; see bench/ for the measurements."""
+    if device.type == "cuda":
+        return True, torch.bfloat16
+    return True, None
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: Tensor, device: torch.device,
+            batch_size: int = EVAL_BATCH) -> Tensor:
+    """Logits (float32, on ``device``) for uint8 images, in eval mode, in batches."""
+    was_training = model.training
+    model.eval()
+    channels_last, amp = speed_settings(device)
+    out = []
+    try:
+        for part in images.split(batch_size):
+            x = part.to(device, non_blocking=True).float().div_(255)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                out.append(model(x).float())
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
+
+
+def evaluate(model: nn.Module, images: Tensor, labels: Tensor,
+             device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, accuracy, predictions) on a whole split; loss and accuracy stay on the device."""
+    logits = predict(model, images, device)
+    labels = labels.to(device)
+    predictions = logits.argmax(1)
+    return F.cross_entropy(logits, labels), (predictions == labels).float().mean(), predictions
+
+
+def run_tags(plan: Plan) -> dict[str, str]:
+    tags = {"cifarx.arch": plan.config.arch, "cifarx.aug": ",".join(plan.pipeline.names),
+            "cifarx.dataset": plan.dataset.name, "cifarx.version": __version__,
+            "cifarx.torch": torch.__version__, "cifarx.device": str(plan.device),
+            "cifarx.threads": str(plan.config.threads or torch.get_num_threads())}
+    if plan.device.type == "cuda":
+        tags["cifarx.gpu"] = torch.cuda.get_device_name(plan.device)
+    commit = git_commit(Path(__file__).resolve().parent)
+    if commit:
+        tags["cifarx.git_commit"] = commit
+    return tags
+
+
+def train(plan: Plan, data: ImageData, run: Run | None = None,
+          on_update: Callable[[int, Mapping[str, float]], None] | None = None) -> Result:
+    """Train as the plan says; log to ``run`` when given. ``on_update`` sees each flush."""
+    cfg = plan.config
+    device = plan.device
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    channels_last, amp = speed_settings(device)
+
+    image_shape = tuple(data.train_images.shape[1:])
+    net = plan.arch.build(num_classes=len(data.classes), in_channels=image_shape[0],
+                          image_size=image_shape[1])
+    model = Classifier(plan.pipeline.normalize.fit(data.train_images), net, data.classes).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum,
+                               cfg.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.schedule, cfg.iters))
+    probes = [probe.attach(model.net) for probe in plan.probes]
+
+    if run is not None:
+        run.log_params(plan.params())
+        run.log_dataset(f"{plan.dataset.name}-{cfg.train_split}", data.source,
+                        data_digest(data.train_images, data.train_labels), context="training")
+        run.log_dict(asdict(cfg), "config.json")
+    metrics = MetricLog(sink=run.log_points if run is not None else None)
+
+    train_x = data.train_images.to(device)
+    train_y = data.train_labels.to(device)
+    generator = torch.Generator(device).manual_seed(cfg.seed)
+    next_batch = BatchSampler(len(train_x), cfg.batch_size, generator, device)
+
+    start = time.perf_counter()
+    test_loss = test_acc = torch.tensor(float("nan"))
+    try:
+        for step in range(1, cfg.iters + 1):
+            idx = next_batch()
+            x = train_x[idx].float().div_(255)
+            y = train_y[idx]
+            for aug in plan.pipeline.pixels:
+                x = aug.apply(x, generator)
+            x = model.normalize(x)
+            for aug in plan.pipeline.normalized:
+                x = aug.apply(x, generator)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                logits = model.net(x)
+            loss = F.cross_entropy(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            values = {"train/loss": loss.detach(),
+                      "train/acc": (logits.detach().argmax(1) == y).float().mean()}
+            for read in probes:
+                values.update(read())
+            optimizer.step()
+            schedule.step()
+            metrics.add(step, values)
+
+            evaluated = step % cfg.eval_every == 0 or step == cfg.iters
+            if evaluated:
+                test_loss, test_acc, _ = evaluate(model, data.test_images, data.test_labels, device)
+                metrics.add(step, {"test/loss": test_loss, "test/acc": test_acc})
+            if evaluated or step % FLUSH_EVERY == 0:
+                latest = metrics.flush()
+                if on_update is not None:
+                    on_update(step, latest)
+    finally:
+        metrics.flush()  # what was measured is kept, also when the run fails or is interrupted
+    seconds = time.perf_counter() - start
+    result = Result(model=model, history=metrics.history, test_acc=float(test_acc),
+                    test_loss=float(test_loss), seconds=seconds,
+                    images_per_second=cfg.iters * cfg.batch_size / seconds)
+    if run is not None:
+        finish(plan, result, run)
+    return result
+
+
+def finish(plan: Plan, result: Result, run: Run):
+    """Log the end-of-run summary metrics, the figure and the model."""
+    from .figures import training_curves
+
+    run.log_points([(key, value, plan.config.iters, int(time.time() * 1000)) for key, value in {
+        "final/test_acc": result.test_acc, "final/test_loss": result.test_loss,
+        "final/train_seconds": result.seconds, "final/images_per_second": result.images_per_second,
+    }.items()])
+    title = f"{plan.config.arch} ({','.join(plan.pipeline.names)}): final test accuracy " \
+            f"{result.test_acc:.2%}"
+    run.log_figure(training_curves(result.history, title), "figures/training.png")
+    model = result.model.to("cpu", memory_format=torch.contiguous_format).eval()
+    result.model_uri = run.log_model(model)

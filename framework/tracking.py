@@ -1,0 +1,274 @@
+"""MLflow: where runs go, a run's lifecycle, buffered metrics, and models in and out.
+
+mlflow is imported inside the functions that need it: it takes seconds to import, and
+``cifarx --help`` or ``cifarx plugins`` should not pay for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import logging
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .errors import UserError
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_EXPERIMENT = "cifarx"
+MODEL_ARTIFACT = "model"
+
+# (key, value, step, timestamp in ms)
+Point = tuple[str, float, int, int]
+
+
+def tracking_uri(option: str | None = None) -> str:
+    """``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` here.
+
+    A relative SQLite path is made absolute, so the URI names one store wherever it is used.
+    """
+    uri = option or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/") and uri != prefix + ":memory:":
+        uri = prefix + str(Path(uri[len(prefix):]).absolute())
+    return uri
+
+
+def _quiet_mlflow():
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    # cifarx saves models with pickle on purpose (see log_model): no warning about it each time.
+    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
+
+
+class MetricLog:
+    """Metrics held as device tensors until :meth:`flush`, which moves them in one transfer.
+
+    Calling ``.item()`` every step would stall a GPU; here a step only appends references.
+    ``history`` keeps every flushed value on the host (for figures); ``sink`` receives the new
+    points (for MLflow).
+    """
+
+    def __init__(self, sink: Callable[[list[Point]], None] | None = None):
+        self.sink = sink
+        self.history: dict[str, list[tuple[int, float]]] = {}
+        self._pending: list[tuple[str, Tensor | float, int, int]] = []
+
+    def add(self, step: int, values: Mapping[str, Tensor | float]):
+        now = int(time.time() * 1000)
+        self._pending.extend((key, value, step, now) for key, value in values.items())
+
+    def flush(self) -> dict[str, float]:
+        """Send what is pending; return the latest value of each key flushed."""
+        if not self._pending:
+            return {}
+        tensors = [v for _, v, _, _ in self._pending if isinstance(v, Tensor)]
+        host = iter(torch.stack([t.detach().float().reshape(()) for t in tensors]).tolist()
+                    if tensors else [])
+        points = [(key, next(host) if isinstance(v, Tensor) else float(v), step, ts)
+                  for key, v, step, ts in self._pending]
+        self._pending.clear()
+        latest = {}
+        for key, value, step, _ in points:
+            self.history.setdefault(key, []).append((step, value))
+            latest[key] = value
+        if self.sink is not None:
+            self.sink(points)
+        return latest
+
+
+class Run:
+    """The MLflow run a command logs into."""
+
+    def __init__(self, run_id: str):
+        import mlflow
+
+        self.id = run_id
+        self.client = mlflow.MlflowClient()
+
+    @property
+    def experiment_id(self) -> str:
+        return self.client.get_run(self.id).info.experiment_id
+
+    def log_params(self, params: Mapping[str, Any]):
+        """Log params; keys already present (set by ``mlflow run -P``) are left as they are."""
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(self.id).data.params
+        fresh = [Param(k, str(v)) for k, v in params.items() if k not in existing]
+        for i in range(0, len(fresh), 100):
+            self.client.log_batch(self.id, params=fresh[i:i + 100])
+
+    def set_tags(self, tags: Mapping[str, Any]):
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_points(self, points: list[Point]):
+        from mlflow.entities import Metric
+
+        metrics = [Metric(key, value, ts, step) for key, value, step, ts in points]
+        for i in range(0, len(metrics), 1000):  # the store's limit per batch
+            self.client.log_batch(self.id, metrics=metrics[i:i + 1000])
+
+    def log_figure(self, figure, path: str):
+        import matplotlib.pyplot as plt
+
+        self.client.log_figure(self.id, figure, path)
+        plt.close(figure)
+
+    def log_dict(self, obj: Any, path: str):
+        self.client.log_dict(self.id, obj, path)
+
+    def log_artifact(self, local_path: Path, artifact_dir: str | None = None):
+        self.client.log_artifact(self.id, str(local_path), artifact_dir)
+
+    def log_dataset(self, name: str, source: str, digest: str, context: str):
+        import mlflow
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.data.sources import LocalArtifactDatasetSource
+
+        dataset = MetaDataset(source=LocalArtifactDatasetSource(source), name=name, digest=digest)
+        with _active(self.id):
+            mlflow.log_input(dataset, context=context)
+
+    def log_model(self, model: nn.Module) -> str:
+        """Save ``model`` as the MLflow model ``runs:/<id>/model``; returns that URI.
+
+        The pickle format loads back the original ``nn.Module`` (eval()/train() work, attacks
+        can call it), where MLflow's default 'pt2' export would give a GraphModule whose
+        ``eval()`` raises. The price: loading needs the classes importable (cifarx and the
+        plugin that built the model installed), which the pinned requirements say.
+        """
+        import mlflow
+        import mlflow.pytorch
+
+        with _active(self.id):
+            mlflow.pytorch.log_model(model, name=MODEL_ARTIFACT, serialization_format="pickle",
+                                     pip_requirements=requirements_for(model))
+        return f"runs:/{self.id}/{MODEL_ARTIFACT}"
+
+
+@contextlib.contextmanager
+def _active(run_id: str):
+    """Make ``run_id`` the fluent API's active run for a call that needs one."""
+    import mlflow
+
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == run_id:
+        yield
+        return
+    with mlflow.start_run(run_id=run_id):
+        yield
+
+
+@contextlib.contextmanager
+def start_run(uri: str, experiment: str | None = None, run_name: str | None = None,
+              tags: Mapping[str, Any] | None = None) -> Iterator[Run]:
+    """Open a run and end it FINISHED, FAILED (on an exception) or KILLED (on Ctrl-C).
+
+    Inside ``mlflow run`` (``MLFLOW_RUN_ID`` set) it logs into the run mlflow started.
+    """
+    import mlflow
+    from sqlalchemy.exc import SQLAlchemyError
+
+    _quiet_mlflow()
+    mlflow.set_tracking_uri(uri)
+    try:
+        if os.environ.get("MLFLOW_RUN_ID"):
+            outer = mlflow.MlflowClient().get_run(os.environ["MLFLOW_RUN_ID"])
+            mlflow.set_experiment(experiment_id=outer.info.experiment_id)
+            active = mlflow.start_run(run_id=outer.info.run_id)
+        else:
+            mlflow.set_experiment(experiment or DEFAULT_EXPERIMENT)
+            active = mlflow.start_run(run_name=run_name)
+    except (mlflow.exceptions.MlflowException, OSError, SQLAlchemyError) as exc:
+        reason = getattr(exc, "message", None) or str(exc)
+        raise UserError(f"cannot open an MLflow run at {uri}: {reason.splitlines()[0]}") from None
+    run = Run(active.info.run_id)
+    status = "FAILED"
+    try:
+        if tags:
+            run.set_tags(tags)
+        yield run
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        mlflow.end_run(status)
+
+
+def requirements_for(model: nn.Module) -> list[str]:
+    """Pinned pip requirements for every package whose classes the pickled model holds.
+
+    Given explicitly: letting MLflow infer them took 4 to 15 s per model.
+    """
+    packages = {"torch", "cifarx"} | {type(m).__module__.split(".")[0] for m in model.modules()}
+    by_module = importlib.metadata.packages_distributions()
+    requirements = set()
+    for module in sorted(packages):
+        for dist in by_module.get(module, [module]):
+            try:
+                requirements.add(f"{dist}=={importlib.metadata.version(dist)}")
+            except importlib.metadata.PackageNotFoundError:
+                continue
+    return sorted(requirements)
+
+
+def load_model(uri: str, tracking: str, device: torch.device | str = "cpu") -> nn.Module:
+    """A model from ``runs:/<id>/model``, ``models:/...`` or a local MLflow model folder."""
+    import mlflow
+    import mlflow.pytorch
+
+    _quiet_mlflow()
+    mlflow.set_tracking_uri(tracking)
+    if "://" not in uri and ":/" not in uri:
+        path = Path(uri).expanduser()
+        if not (path / "MLmodel").is_file():
+            raise UserError(f"--model {uri}: no MLflow model there (no MLmodel file); accepted: "
+                            "runs:/<run id>/model, models:/<name>/<version>, or a model folder")
+        uri = str(path)
+    try:
+        model = mlflow.pytorch.load_model(uri, map_location=torch.device(device))
+    except mlflow.exceptions.MlflowException as exc:
+        raise UserError(f"--model {uri}: cannot load it ({exc.message.splitlines()[0]})") from None
+    except OSError as exc:
+        raise UserError(f"--model {uri}: cannot load it ({exc})") from None
+    except ModuleNotFoundError as exc:
+        raise UserError(f"--model {uri}: the model needs {exc.name!r}, which is not installed "
+                        "(install the plugin package that built it)") from None
+    if not isinstance(model, nn.Module):
+        raise UserError(f"--model {uri} is not a PyTorch model")
+    return model.eval()
+
+
+def source_run_id(uri: str) -> str | None:
+    """The run a ``runs:/<id>/...`` URI points into, for linking runs."""
+    if uri.startswith("runs:/"):
+        return uri[len("runs:/"):].split("/")[0] or None
+    return None
+
+
+def data_digest(*tensors: Tensor) -> str:
+    digest = hashlib.md5()
+    for t in tensors:
+        digest.update(t.contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def git_commit(path: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None

@@ -1,0 +1,1 @@
+"""The built-in plugins. Each module is registered through the `cifarx` entry-point group."""

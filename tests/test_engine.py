@@ -1,0 +1,135 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from cifarx import Architecture, Probe, UserError, hookimpl
+from cifarx.engine import DEFAULTS, TrainConfig, lr_factor, parse_list, plan, predict, train
+from cifarx.registry import registry
+
+
+def quick(data_dir, **overrides) -> TrainConfig:
+    settings = dict(data_dir=str(data_dir), iters=30, batch_size=20, eval_every=10, device="cpu",
+                    threads=1)
+    return TrainConfig(**{**settings, **overrides})
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(arch="nope"), "unknown architecture 'nope'"),
+    (dict(aug=("flip", "spin")), "unknown augmentation 'spin'"),
+    (dict(dataset="mnist"), "unknown dataset 'mnist'"),
+    (dict(train_split="batch9"), "unknown --train-split 'batch9' for cifar10; accepted: batch1, all"),
+    (dict(optimizer="lbfgs"), "unknown optimizer 'lbfgs'; accepted: sgd, nesterov, adam"),
+    (dict(schedule="warm"), "unknown schedule 'warm'; accepted: none, step"),
+    (dict(lr=0.0), "--lr must be positive"),
+    (dict(lr=float("nan")), "--lr must be positive"),
+    (dict(momentum=1.0), r"--momentum must be in \[0, 1\)"),
+    (dict(weight_decay=-1.0), "--weight-decay must be >= 0"),
+    (dict(iters=0), "--iters must be at least 1"),
+    (dict(batch_size=0), "--batch-size must be at least 1"),
+    (dict(eval_every=0), "--eval-every must be at least 1"),
+    (dict(threads=0), "--threads must be at least 1"),
+    (dict(probes=("nope",)), "unknown probe 'nope'"),
+])
+def test_bad_values_are_refused_before_anything_runs(data_dir, overrides, message):
+    with pytest.raises(UserError, match=message):
+        plan(quick(data_dir, **overrides))
+
+
+def test_defaults_come_from_the_architecture_then_the_global_table(data_dir, register_plugin):
+    class Tuned:
+        @hookimpl
+        def register_architectures(self, register):
+            register(Architecture(name="tuned", build=lambda **kw: nn.Flatten(),
+                                  defaults={"lr": 0.123, "optimizer": "adam"}))
+
+    register_plugin(Tuned(), "tuned")
+    p = plan(quick(data_dir, arch="tuned"))
+    assert (p.config.lr, p.config.optimizer, p.config.momentum) == (0.123, "adam", DEFAULTS["momentum"])
+    assert plan(quick(data_dir, arch="tuned", lr=0.5)).config.lr == 0.5
+    assert plan(quick(data_dir)).config.lr == DEFAULTS["lr"]
+
+
+def test_params_are_the_whole_resolved_config(data_dir):
+    params = plan(quick(data_dir, aug=("crop", "flip"))).params()
+    assert params["aug"] == "flip,normalize,crop"
+    assert params["lr"] == DEFAULTS["lr"] and params["device"] == "cpu"
+    assert {"arch", "iters", "batch_size", "eval_every", "optimizer", "momentum", "weight_decay",
+            "schedule", "seed", "threads", "train_split", "data_dir", "dataset"} <= set(params)
+
+
+def test_parse_list_drops_blanks_and_repeats():
+    assert parse_list(" flip, crop,,flip ") == ("flip", "crop")
+    assert parse_list("") == ()
+
+
+@pytest.mark.parametrize("schedule", ["none", "step", "exponential", "cosine", "onecycle"])
+def test_schedules_start_and_end_where_they_should(schedule):
+    f = lr_factor(schedule, 100)
+    values = [f(step) for step in range(101)]
+    assert all(0 <= v <= 1 for v in values)
+    expected_end = {"none": 1.0, "step": 0.01, "exponential": 0.01, "cosine": 0.0, "onecycle": 0.0}
+    assert math.isclose(values[100], expected_end[schedule], abs_tol=1e-9)
+    if schedule == "onecycle":
+        assert values[0] == 0 and values[20] == 1 and values[10] == 0.5
+
+
+def test_training_learns_synthetic_classes(data_dir):
+    p = plan(quick(data_dir, iters=60))
+    result = train(p, p.load_data())
+    assert result.test_acc > 0.6  # ten classes: chance is 0.1
+    assert [s for s, _ in result.history["test/acc"]] == [10, 20, 30, 40, 50, 60]
+    assert len(result.history["train/loss"]) == 60
+    assert result.history["train/loss"][-1][1] < result.history["train/loss"][0][1]
+
+
+def test_same_seed_same_metrics_other_seed_other_metrics(data_dir):
+    p = plan(quick(data_dir, iters=12))
+    data = p.load_data()
+    a, b = train(p, data).history, train(p, data).history
+    assert a == b
+    c = train(plan(quick(data_dir, iters=12, seed=1)), data).history
+    assert c["train/loss"] != a["train/loss"]
+
+
+def test_final_evaluation_happens_on_the_last_step(data_dir):
+    p = plan(quick(data_dir, iters=25, eval_every=10))
+    result = train(p, p.load_data())
+    assert [s for s, _ in result.history["test/acc"]] == [10, 20, 25]
+    assert result.test_acc == result.history["test/acc"][-1][1]
+
+
+def test_saved_model_takes_pixels_in_0_1_and_normalizes_itself(data_dir):
+    p = plan(quick(data_dir, iters=5))
+    data = p.load_data()
+    model = train(p, data).model.eval()
+    pixels = data.test_images[:8].float() / 255
+    by_hand = model.net(model.normalize.forward(pixels))
+    assert torch.allclose(model(pixels), by_hand)
+    assert torch.allclose(predict(model, data.test_images[:8], torch.device("cpu")), by_hand,
+                          atol=1e-5)
+    assert model.classes == data.classes
+
+
+def test_probes_run_after_backward_and_their_values_are_kept(data_dir, register_plugin):
+    seen = []
+
+    def attach(net):
+        first = next(m for m in net.modules() if isinstance(m, nn.Conv2d))
+
+        def read():
+            seen.append(first.weight.grad is not None)
+            return {"probe/grad_max": first.weight.grad.abs().max()}
+        return read
+
+    class Probing:
+        @hookimpl
+        def register_probes(self, register):
+            register(Probe(name="test-grad", attach=attach))
+
+    register_plugin(Probing(), "probing")
+    result = train(plan(quick(data_dir, iters=7, probes=("test-grad",))), plan(quick(data_dir)).load_data())
+    assert seen == [True] * 7
+    assert len(result.history["probe/grad_max"]) == 7
+    assert all(v > 0 for _, v in result.history["probe/grad_max"])

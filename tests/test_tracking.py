@@ -1,0 +1,157 @@
+import importlib.metadata
+
+import mlflow
+import pytest
+import torch
+from mlflow import MlflowClient
+from torch import nn
+
+from cifarx import Architecture, Probe, UserError, hookimpl
+from cifarx.engine import TrainConfig, plan, run_tags, train
+from cifarx.tracking import MetricLog, Run, load_model, requirements_for, start_run
+
+
+def quick(data_dir, **overrides):
+    settings = dict(data_dir=str(data_dir), iters=30, batch_size=20, eval_every=10, device="cpu",
+                    threads=1)
+    return TrainConfig(**{**settings, **overrides})
+
+
+def tracked(config, uri, name="test"):
+    p = plan(config)
+    with start_run(uri, "tests", name, run_tags(p)) as run:
+        result = train(p, p.load_data(), run)
+    return run.id, result
+
+
+def test_a_run_logs_params_tags_metrics_figure_model_and_dataset(data_dir, tracking_uri, in_tmp):
+    run_id, result = tracked(quick(data_dir), tracking_uri)
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["arch"] == "table1" and run.data.params["aug"] == "flip,normalize,crop"
+    assert run.data.params["iters"] == "30" and run.data.params["lr"]
+    assert run.data.tags["cifarx.arch"] == "table1" and run.data.tags["cifarx.device"] == "cpu"
+    assert run.data.tags["cifarx.aug"] == "flip,normalize,crop"
+    assert {"cifarx.version", "cifarx.torch", "cifarx.threads"} <= set(run.data.tags)
+    losses = client.get_metric_history(run_id, "train/loss")
+    assert sorted(m.step for m in losses) == list(range(1, 31))
+    assert [m.step for m in client.get_metric_history(run_id, "test/acc")] == [10, 20, 30]
+    assert run.data.metrics["final/test_acc"] == pytest.approx(result.test_acc)
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"config.json", "figures"} <= artifacts
+    assert [a.path for a in client.list_artifacts(run_id, "figures")] == ["figures/training.png"]
+    inputs = run.inputs.dataset_inputs
+    assert inputs[0].dataset.name == "cifar10-batch1" and str(data_dir) in inputs[0].dataset.source
+
+    model = load_model(f"runs:/{run_id}/model", tracking_uri)
+    pixels = torch.rand(4, 3, 32, 32)
+    result.model.eval()
+    assert torch.allclose(model(pixels), result.model(pixels), atol=1e-6)
+    assert model.classes == result.model.classes
+    model.train()  # the original nn.Module comes back, so eval()/train() work
+    model.eval()
+
+
+def test_requirements_pin_cifarx_and_torch():
+    pins = requirements_for(nn.Sequential(nn.Linear(2, 2)))
+    assert any(p.startswith("cifarx==") for p in pins)
+    assert f"torch=={importlib.metadata.version('torch')}" in pins
+
+
+class Exploding:
+    """An architecture whose forward fails on its 12th call, and a probe that interrupts."""
+
+    @hookimpl
+    def register_architectures(self, register):
+        class Net(nn.Sequential):
+            calls = 0
+
+            def forward(self, x):
+                Net.calls += 1
+                if Net.calls == 12:
+                    raise RuntimeError("exploded")
+                return super().forward(x)
+
+        register(Architecture(name="test-exploding", build=lambda **kw: Net(
+            nn.Flatten(), nn.Linear(3 * 32 * 32, 10))))
+
+    @hookimpl
+    def register_probes(self, register):
+        def attach(net):
+            steps = []
+
+            def read():
+                steps.append(1)
+                if len(steps) == 8:
+                    raise KeyboardInterrupt
+                return {}
+            return read
+        register(Probe(name="test-ctrl-c", attach=attach))
+
+
+def test_a_run_that_raises_ends_failed_and_keeps_its_metrics(data_dir, tracking_uri, in_tmp,
+                                                              register_plugin):
+    register_plugin(Exploding(), "exploding")
+    with pytest.raises(RuntimeError, match="exploded"):
+        tracked(quick(data_dir, arch="test-exploding", eval_every=1000), tracking_uri)
+    run = MlflowClient(tracking_uri).search_runs(
+        [mlflow.get_experiment_by_name("tests").experiment_id], order_by=["start_time DESC"])[0]
+    assert run.info.status == "FAILED"
+    assert run.data.params["arch"] == "test-exploding"
+    steps = [m.step for m in MlflowClient(tracking_uri).get_metric_history(run.info.run_id, "train/loss")]
+    assert steps == list(range(1, 12))
+
+
+def test_ctrl_c_ends_the_run_killed(data_dir, tracking_uri, in_tmp, register_plugin):
+    register_plugin(Exploding(), "exploding")
+    with pytest.raises(KeyboardInterrupt):
+        tracked(quick(data_dir, probes=("test-ctrl-c",)), tracking_uri, name="killed")
+    run = MlflowClient(tracking_uri).search_runs(
+        [mlflow.get_experiment_by_name("tests").experiment_id],
+        filter_string="attributes.run_name = 'killed'")[0]
+    assert run.info.status == "KILLED"
+    assert len(MlflowClient(tracking_uri).get_metric_history(run.info.run_id, "train/loss")) == 7
+
+
+def test_inside_mlflow_run_it_logs_into_the_run_mlflow_started(tracking_uri, in_tmp, monkeypatch):
+    client = MlflowClient(tracking_uri)
+    experiment = client.create_experiment("outer") if not client.get_experiment_by_name("outer") \
+        else client.get_experiment_by_name("outer").experiment_id
+    outer = client.create_run(experiment)
+    client.log_param(outer.info.run_id, "lr", "1e-1")  # as `mlflow run -P lr=1e-1` logs it
+    monkeypatch.setenv("MLFLOW_RUN_ID", outer.info.run_id)
+    with start_run(tracking_uri, "ignored", "ignored") as run:
+        assert run.id == outer.info.run_id
+        run.log_params({"lr": 0.1, "iters": 5})
+    params = client.get_run(outer.info.run_id).data.params
+    assert params == {"lr": "1e-1", "iters": "5"}
+    assert client.get_run(outer.info.run_id).info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("uri", ["bogus://somewhere", "sqlite:///{tmp}/a-file/mlflow.db",
+                                 "sqlite:///{tmp}/a-file"])
+def test_bad_tracking_uri_is_a_user_error(in_tmp, uri):
+    (in_tmp / "a-file").write_text("not a folder")
+    with pytest.raises(UserError, match="cannot open an MLflow run"):
+        with start_run(uri.format(tmp=in_tmp), "x"):
+            pass
+
+
+def test_metric_log_holds_tensors_until_flush():
+    sent = []
+    log = MetricLog(sink=sent.extend)
+    log.add(1, {"a": torch.tensor(0.5), "b": 2.0})
+    log.add(2, {"a": torch.tensor(0.25)})
+    assert sent == [] and log.history == {}
+    assert log.flush() == {"a": 0.25, "b": 2.0}
+    assert [(k, v, s) for k, v, s, _ in sent] == [("a", 0.5, 1), ("b", 2.0, 1), ("a", 0.25, 2)]
+    assert log.history == {"a": [(1, 0.5), (2, 0.25)], "b": [(1, 2.0)]}
+    assert log.flush() == {}
+
+
+def test_unknown_models_are_user_errors(tracking_uri, tmp_path):
+    with pytest.raises(UserError, match="cannot load it"):
+        load_model("runs:/0123456789abcdef0123456789abcdef/model", tracking_uri)
+    with pytest.raises(UserError, match="no MLflow model there"):
+        load_model(str(tmp_path), tracking_uri)
