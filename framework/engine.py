@@ -91,7 +91,7 @@ class Plan:
         """The resolved config, flat, for MLflow params."""
         flat = asdict(self.config)
         flat["aug"] = ",".join(self.pipeline.names)
-        flat["probes"] = ",".join(self.config.probes)
+        flat["probe"] = ",".join(flat.pop("probes"))
         flat["data_dir"] = str(resolve_data_dir(self.config.data_dir))
         flat["device"] = str(self.device)
         flat["threads"] = self.config.threads or torch.get_num_threads()

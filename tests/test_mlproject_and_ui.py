@@ -1,0 +1,75 @@
+"""`mlflow run` on the MLproject, and `cifarx ui`, as real subprocesses."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+from mlflow import MlflowClient
+
+from cifarx.tracking import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def env_with(**extra):
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+            "MLFLOW_DISABLE_TELEMETRY": "true", **extra}
+
+
+def test_mlflow_run_trains_into_the_run_it_started(data_dir, tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    done = subprocess.run(
+        [str(BIN / "mlflow"), "run", str(ROOT), "-e", "train", "-P", "arch=table1",
+         "-P", "aug=flip,crop", "-P", "iters=20", "-P", "batch_size=20", "-P", "eval_every=10",
+         "-P", f"data_dir={data_dir}", "-P", "threads=1", "-P", "device=cpu",
+         "--env-manager", "local", "--experiment-name", "project"],
+        env=env_with(MLFLOW_TRACKING_URI=uri), cwd=tmp_path, capture_output=True, text=True,
+        timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("project").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["cifarx.arch"] == "table1"
+    assert run.data.params["aug"] == "flip,crop"  # as mlflow run logged it from -P
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "test/acc")] == [10, 20]
+    model = load_model(f"runs:/{run.info.run_id}/model", uri)
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ui_serves_the_store_on_localhost(tmp_path):
+    port = free_port()
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    server = subprocess.Popen([sys.executable, "-m", "cifarx", "ui", "--port", str(port),
+                               "--tracking-uri", uri], env=env_with(), cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    assert r.status == 200
+                    break
+            except OSError:
+                assert server.poll() is None, server.stdout.read()
+                assert time.time() < deadline, "the UI did not answer within 90 s"
+                time.sleep(0.5)
+        with urllib.request.urlopen(
+                f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=10") as r:
+            assert b"Default" in r.read()
+    finally:  # the UI runs worker processes: stop the whole process group
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
