@@ -346,5 +346,8 @@ def finish(plan: Plan, result: Result, run: Run):
     title = f"{plan.config.arch} ({','.join(plan.pipeline.names)}): final test accuracy " \
             f"{result.test_acc:.2%}"
     run.log_figure(training_curves(result.history, title), "figures/training.png")
+    for probe in plan.probes:
+        if probe.figure is not None:
+            run.log_figure(probe.figure(result.history), f"figures/{probe.name}.png")
     model = result.model.to("cpu", memory_format=torch.contiguous_format).eval()
     result.model_uri = run.log_model(model)

@@ -101,12 +101,15 @@ class Probe:
 
     That function runs after backward and before the optimizer step, and returns metrics as
     ``{"key": scalar tensor}``. Keep the tensors on the device: the engine batches them to the
-    host and to MLflow, so a probe costs no host sync.
+    host and to MLflow, so a probe costs no host sync. ``figure(history)``, if given, receives
+    every metric of the run as ``{key: [(step, value), ...]}`` at the end and returns a
+    matplotlib figure, logged as ``figures/<name>.png``.
     """
 
     name: str
     attach: Callable[[nn.Module], Callable[[], Mapping[str, Tensor]]]
     summary: str = ""
+    figure: Callable[[Mapping[str, list[tuple[int, float]]]], Any] | None = None
 
 
 @dataclass(frozen=True)
