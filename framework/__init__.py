@@ -2,19 +2,21 @@
 
 What a plugin author imports::
 
-    from cifarx import hookimpl, Architecture, Augmentation, Dataset, Probe, Attack, Family
+    from cifarx import (hookimpl, Architecture, Augmentation, Dataset, Probe, Attack,
+                        AttackResult, Family)
 """
 
 from importlib.metadata import PackageNotFoundError, version as _version
 
 from .errors import UserError
 from .hookspecs import hookimpl
-from .plugin_types import Architecture, Attack, Augmentation, Dataset, Family, ImageData, Probe
+from .plugin_types import (Architecture, Attack, AttackResult, Augmentation, Dataset, Family,
+                           ImageData, Probe)
 
 try:
     __version__ = _version("cifarx")
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["hookimpl", "Architecture", "Attack", "Augmentation", "Dataset", "Family", "ImageData",
-           "Probe", "UserError", "__version__"]
+__all__ = ["hookimpl", "Architecture", "Attack", "AttackResult", "Augmentation", "Dataset",
+           "Family", "ImageData", "Probe", "UserError", "__version__"]

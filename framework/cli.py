@@ -13,7 +13,7 @@ import typer
 
 from . import __version__, engine, tracking
 from .console import TrainingProgress, duration, err, out, ui_hint
-from .errors import UserError
+from .errors import Diverged, UserError
 from .registry import Catalog, catalog as load_catalog
 
 app = typer.Typer(
@@ -22,7 +22,8 @@ app = typer.Typer(
 
 
 def command(fn):
-    """Register a command whose UserError becomes one line and exit status 2."""
+    """Register a command whose UserError becomes one line and exit status 2 (a diverged
+    training: one line and status 3)."""
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
@@ -31,6 +32,9 @@ def command(fn):
         except UserError as exc:
             typer.echo(f"cifarx: error: {exc}", err=True)
             raise typer.Exit(2) from None
+        except Diverged as exc:
+            typer.echo(f"cifarx: error: {exc}", err=True)
+            raise typer.Exit(Diverged.exit_status) from None
         except KeyboardInterrupt:
             typer.echo("cifarx: interrupted", err=True)
             raise typer.Exit(130) from None
@@ -74,6 +78,10 @@ TrackingUri = Annotated[Optional[str], typer.Option(
 DatasetName = Annotated[str, typer.Option("--dataset", help="Dataset plugin.")]
 
 PER_ARCH = "[default: the architecture's, else {}]"
+ArchOpt = Annotated[Optional[list[str]], typer.Option(
+    help="Architecture option name=value, repeatable: activation=relu|relu6|leaky_relu|elu|silu, "
+         "init=default|he|xavier for the built-in conv nets (`cifarx describe ARCH` lists an "
+         "architecture's).", show_default=False)]
 
 
 @command
@@ -105,7 +113,15 @@ def train(
     schedule: Annotated[Optional[str], typer.Option(
         help=f"Learning-rate schedule: {', '.join(engine.SCHEDULES)} "
              + PER_ARCH.format(engine.DEFAULTS['schedule']), show_default=False)] = None,
-    probe: Annotated[str, typer.Option(help="Comma list of probe plugins to record.")] = "",
+    arch_opt: ArchOpt = None,
+    pretrained: Annotated[bool, typer.Option(
+        "--pretrained", help="Start from pretrained weights (timm:<model>; inputs resized to "
+        "the weights' size); same as --arch-opt pretrained=true.")] = False,
+    probe: Annotated[str, typer.Option(
+        help="Comma list of probe plugins to record: grad-max, grad-norm, ...")] = "",
+    probe_opt: Annotated[Optional[list[str]], typer.Option(
+        help="Probe option probe.name=value, repeatable: grad-max.first=<layer>, "
+             "grad-max.last=<layer>, grad-norm.stride=<iterations>.", show_default=False)] = None,
     seed: Seed = 0,
     device: Device = "auto",
     threads: Annotated[Optional[int], typer.Option(
@@ -120,14 +136,16 @@ def train(
         data_dir=str(data_dir) if data_dir else None, iters=iters, batch_size=batch_size,
         eval_every=eval_every, optimizer=optimizer, lr=lr, momentum=momentum,
         weight_decay=weight_decay, schedule=schedule, seed=seed, device=device, threads=threads,
-        probes=engine.parse_list(probe))
+        probes=engine.parse_list(probe), arch_options=with_pretrained(arch_opt or [], pretrained),
+        probe_options=tuple(probe_opt or ()))
     plan = engine.plan(config, plugins_catalog())
     data = plan.load_data()
+    prepared = engine.prepare(plan, data)  # a bad weights file or layer name opens no run
     uri = tracking.tracking_uri(tracking_uri)
     label = f"{plan.config.arch} ({','.join(plan.pipeline.names)})"
     with tracking.start_run(uri, experiment, run_name or label, engine.run_tags(plan)) as run:
         with TrainingProgress(plan.config.iters, plan.config.batch_size, label) as progress:
-            result = engine.train(plan, data, run, on_update=progress.update)
+            result = engine.train(plan, data, run, on_update=progress.update, prepared=prepared)
         experiment_id = run.experiment_id
     out.print(f"[bold]{label}[/]: final test accuracy [bold green]{result.test_acc:.2%}[/] "
               f"(loss {result.test_loss:.3f}) after {plan.config.iters} iterations in "
@@ -135,6 +153,12 @@ def train(
               soft_wrap=True)
     out.print(f"run {run.id}  model {result.model_uri}", highlight=False, soft_wrap=True)
     out.print(ui_hint(uri, experiment_id, run.id), highlight=False, soft_wrap=True)
+
+
+def with_pretrained(arch_opt: list[str], pretrained: bool) -> tuple[str, ...]:
+    """``--pretrained`` is ``--arch-opt pretrained=true``, unless a weights file is named there."""
+    named = any(text.partition("=")[0].strip() == "pretrained" for text in arch_opt)
+    return tuple(arch_opt) + (("pretrained=true",) if pretrained and not named else ())
 
 
 @command
@@ -201,6 +225,7 @@ def describe(
     image_size: Annotated[int, typer.Option(help="Input height and width.")] = 32,
     channels: Annotated[int, typer.Option(help="Input channels.")] = 3,
     num_classes: Annotated[int, typer.Option(help="Output classes.")] = 10,
+    arch_opt: ArchOpt = None,
 ):
     """Print an architecture's layers with output shapes and parameter counts."""
     from rich.table import Table
@@ -208,7 +233,8 @@ def describe(
     from .model import describe as layer_rows
 
     found = plugins_catalog().get("architecture", arch)
-    net = found.build(num_classes=num_classes, in_channels=channels, image_size=image_size)
+    net = found.build(num_classes=num_classes, in_channels=channels, image_size=image_size,
+                      **engine.arch_options(found, arch_opt or []))
     rows = layer_rows(net, (channels, image_size, image_size))
     table = Table("layer", "type", "output shape", "params",
                   title=f"{found.name}: {found.summary}", caption=f"input {channels}x{image_size}"
@@ -216,6 +242,12 @@ def describe(
     for row in rows:
         table.add_row(row.name, row.kind, " x ".join(map(str, row.output_shape)), f"{row.params:,}")
     out.print(table)
+    if found.options:
+        accepted = "; ".join(
+            f"{name}={values[0]} (or {', '.join(values[1:])})" if isinstance(values, tuple)
+            else f"{name}=<text>" + (f" (default {values})" if values else "")
+            for name, values in found.options.items())
+        out.print(f"--arch-opt: {accepted}", highlight=False, soft_wrap=True)
 
 
 @command
@@ -231,6 +263,130 @@ def ui(
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ, "MLFLOW_TRACKING_URI": uri}
     os.execve(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
                                "--host", "127.0.0.1", "--port", str(port)], env)
+
+
+Threads = Annotated[Optional[int], typer.Option(help="CPU threads (default: torch's choice).",
+                                                show_default=False)]
+MODEL_HELP = "runs:/<run id>/model, models:/<name>/<version>, or a local MLflow model folder."
+
+
+def _threads(threads: int | None):
+    if threads is not None:
+        if threads < 1:
+            raise UserError(f"--threads must be at least 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+@command
+def attack(
+    model: Annotated[str, typer.Option(help="The model to attack: " + MODEL_HELP)],
+    attack_name: Annotated[str, typer.Option(
+        "--attack", help="Attack plugin: ifgsm, fgsm, pgd, fool-noise, ... (`cifarx plugins`).")
+    ] = "ifgsm",
+    eps: Annotated[Optional[str], typer.Option(
+        help="Step size (ifgsm 1/255, fool-noise 1/255) or L-inf radius (fgsm, pgd 8/255), in "
+             "(0, 1]: 1/255 or 0.0039 (default: the attack's).", show_default=False)] = None,
+    confidence: Annotated[Optional[str], typer.Option(
+        help="ifgsm, fool-noise: stop when a wrong class (or the target) has this probability, "
+             "in (0, 1) (default 0.99).", show_default=False)] = None,
+    max_steps: Annotated[Optional[int], typer.Option(
+        help="ifgsm, fool-noise: steps after which an image counts as failed "
+             "(default: 200, 500).", show_default=False)] = None,
+    alpha: Annotated[Optional[str], typer.Option(
+        help="pgd: step size, in (0, 1] (default 2/255).", show_default=False)] = None,
+    steps: Annotated[Optional[int], typer.Option(
+        help="pgd: number of steps (default 10).", show_default=False)] = None,
+    target: Annotated[Optional[str], typer.Option(
+        help="Targeted (ifgsm, pgd, fool-noise): a class index or name, or next (the class "
+             "after the true one) (default: untargeted; fool-noise: each image's class).",
+        show_default=False)] = None,
+    attack_opt: Annotated[Optional[list[str]], typer.Option(
+        help="Any other option of the attack plugin, name=value; repeatable.",
+        show_default=False)] = None,
+    per_class: Annotated[Optional[int], typer.Option(
+        help="Attack this many correctly classified test images of each class (default: 2 "
+             "unless --count or --all-test).", show_default=False)] = None,
+    count: Annotated[Optional[int], typer.Option(
+        help="Attack this many correctly classified test images, any class.",
+        show_default=False)] = None,
+    all_test: Annotated[bool, typer.Option(
+        "--all-test", help="Attack every correctly classified test image.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Images attacked at once.")] = 500,
+    dataset: DatasetName = "cifar10",
+    data_dir: DataDir = None,
+    device: Device = "auto",
+    seed: Seed = 0,
+    threads: Threads = None,
+    experiment: Experiment = tracking.DEFAULT_EXPERIMENT,
+    run_name: RunName = None,
+    tracking_uri: TrackingUri = None,
+):
+    """Adversarial images for test images a model gets right; a run linked to the model's run."""
+    from . import adversarial
+    from .data import resolve_data_dir, resolve_device
+
+    found = plugins_catalog()
+    chosen = found.get("attack", attack_name)
+    data_plugin = found.get("dataset", dataset)
+    given = adversarial.parse_pairs(attack_opt or [])
+    for name, text in (("eps", eps), ("confidence", confidence), ("alpha", alpha)):
+        if text is not None:
+            given[name] = adversarial.parse_fraction(text, name)
+    given.update({name: value for name, value in (("max_steps", max_steps), ("steps", steps),
+                                                  ("target", target)) if value is not None})
+    how = adversarial.selection(per_class, count, all_test)
+    _threads(threads)
+    target_device = resolve_device(device)
+
+    def started(n: int):
+        err.print(f"{chosen.name}: attacking {n:,} images on {target_device}", highlight=False)
+
+    done = adversarial.attack_command(
+        model, chosen, data_plugin, resolve_data_dir(data_dir), given, how, batch_size,
+        target_device, seed, tracking.tracking_uri(tracking_uri), experiment, run_name, started)
+    m, adv_set = done.metrics, done.adv_set
+    if len(adv_set["labels"]) <= adversarial.TABLE_IMAGES:
+        out.print(adversarial.image_table(adv_set))
+    out.print(f"[bold]{chosen.name}[/]: goal reached on [bold green]{m['attack/success_rate']:.1%}"
+              f"[/] of {int(m['attack/images']):,} images ({int(m['attack/failures'])} failed), "
+              f"misclassified {m['attack/misclassified_rate']:.1%}, "
+              f"mean {m['attack/mean_steps']:.1f} steps, L-inf mean "
+              f"{m['attack/linf_mean'] * 255:.2f}/255 max {m['attack/linf_max'] * 255:.2f}/255, "
+              f"L2 mean {m['attack/l2_mean']:.3f} max "
+              f"{m['attack/l2_max']:.3f}, in {duration(m['attack/seconds'])}", soft_wrap=True)
+    out.print(f"run {done.run_id}  set {adversarial.SET_ARTIFACT}  figure figures/adversarial.png",
+              highlight=False, soft_wrap=True)
+    out.print(ui_hint(tracking.tracking_uri(tracking_uri), done.experiment_id, done.run_id),
+              highlight=False, soft_wrap=True)
+
+
+@command
+def transfer(
+    adversarial_runs: Annotated[list[str], typer.Option(
+        "--adversarial", help="Run id of a `cifarx attack` run (or a set.pt file); repeatable.")],
+    model: Annotated[list[str], typer.Option(help="A target model: " + MODEL_HELP
+                                             + " Repeatable.")],
+    device: Device = "auto",
+    threads: Threads = None,
+    experiment: Experiment = tracking.DEFAULT_EXPERIMENT,
+    run_name: RunName = None,
+    tracking_uri: TrackingUri = None,
+):
+    """Feed stored adversarial images to other models: accuracy and transfer rate, as a run."""
+    from . import adversarial
+    from .data import resolve_device
+
+    _threads(threads)
+    uri = tracking.tracking_uri(tracking_uri)
+    done = adversarial.transfer_command(adversarial_runs, model, resolve_device(device), uri,
+                                        experiment, run_name)
+    out.print(adversarial.transfer_table(done.sources, done.targets, done.cells))
+    out.print(f"run {done.run_id}  transfer.json"
+              + ("  figures/transfer_matrix.png" if len(done.cells) > 1 else ""),
+              highlight=False, soft_wrap=True)
+    out.print(ui_hint(uri, done.experiment_id, done.run_id), highlight=False, soft_wrap=True)
 
 
 def main():

@@ -5,7 +5,8 @@ One training step::
     uint8 images on device --index--> batch --"pixels" augs--> normalize --"normalized" augs-->
     net --> loss --> backward --> probes --> optimizer step --> metrics kept on the device
 
-Metrics reach the host (and MLflow) every ``FLUSH_EVERY`` steps and at each evaluation.
+Metrics reach the host (and MLflow) every ``FLUSH_EVERY`` steps and at each evaluation; a NaN or
+infinite loss is noticed there and stops the run (:class:`cifarx.errors.Diverged`).
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from torch import Tensor, nn
 
 from . import __version__
 from .data import BatchSampler, resolve_data_dir, resolve_device
-from .errors import UserError
+from .errors import Diverged, UserError
 from .model import Classifier
-from .plugin_types import Architecture, Augmentation, Dataset, ImageData, Probe
+from .plugin_types import Architecture, Augmentation, Dataset, ImageData, Options, Probe
 from .registry import Catalog, catalog as default_catalog
 from .tracking import MetricLog, Run, data_digest, git_commit
 
@@ -61,6 +62,8 @@ class TrainConfig:
     device: str = "auto"
     threads: int | None = None
     probes: tuple[str, ...] = ()
+    arch_options: tuple[str, ...] = ()  # "name=value", from --arch-opt
+    probe_options: tuple[str, ...] = ()  # "probe.name=value", from --probe-opt
 
 
 @dataclass(frozen=True)
@@ -86,12 +89,19 @@ class Plan:
     pipeline: Pipeline
     probes: tuple[Probe, ...]
     device: torch.device
+    arch_options: Mapping[str, str] = field(default_factory=dict)  # every option, defaults filled
+    probe_options: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # by probe name
 
     def params(self) -> dict[str, Any]:
-        """The resolved config, flat, for MLflow params."""
+        """The resolved config, flat, for MLflow params; options as ``arch.<name>`` and
+        ``probe.<probe>.<name>`` (unset free-text options left out)."""
         flat = asdict(self.config)
         flat["aug"] = ",".join(self.pipeline.names)
         flat["probe"] = ",".join(flat.pop("probes"))
+        del flat["arch_options"], flat["probe_options"]
+        flat.update({f"arch.{name}": value for name, value in self.arch_options.items() if value})
+        flat.update({f"probe.{probe}.{name}": value for probe, options in self.probe_options.items()
+                     for name, value in options.items() if value})
         flat["data_dir"] = str(resolve_data_dir(self.config.data_dir))
         flat["device"] = str(self.device)
         flat["threads"] = self.config.threads or torch.get_num_threads()
@@ -122,6 +132,60 @@ def parse_list(text: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(i.strip() for i in items if i.strip()))
 
 
+def split_option(flag: str, text: str, example: str) -> tuple[str, str]:
+    """``"name=value"`` -> ``("name", "value")``."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise UserError(f"{flag} {text!r}: expected name=value, e.g. {flag} {example}")
+    return name.strip(), value.strip()
+
+
+def resolve_options(label: str, owner: str, accepted: Options,
+                    given: list[tuple[str, str]]) -> dict[str, str]:
+    """Check ``(name, value)`` pairs against a plugin's options; return all, defaults filled.
+
+    ``label`` starts the messages (``"--arch-opt "``, ``"--probe-opt grad-max."``).
+    """
+    chosen: dict[str, str] = {}
+    for name, value in given:
+        if name not in accepted:
+            raise UserError(f"{label}{name}={value}: {owner} has no option {name!r}; accepted: "
+                            f"{', '.join(accepted) or 'none'}")
+        if chosen.get(name, value) != value:
+            raise UserError(f"{label}{name} is given twice ({chosen[name]!r} and {value!r}); "
+                            "give it once")
+        values = accepted[name]
+        if isinstance(values, tuple) and value not in values:
+            raise UserError(f"{label}{name}={value}: not accepted by {owner}; accepted: "
+                            f"{', '.join(values)}")
+        chosen[name] = value
+    return {name: chosen.get(name, values[0] if isinstance(values, tuple) else values)
+            for name, values in accepted.items()}
+
+
+def arch_options(arch: Architecture, texts: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """``--arch-opt`` values checked against ``arch.options``, every option filled."""
+    given = [split_option("--arch-opt", text, "activation=silu") for text in texts]
+    return resolve_options("--arch-opt ", arch.name, arch.options, given)
+
+
+def probe_options(probes: tuple[Probe, ...], texts: tuple[str, ...]) -> dict[str, dict[str, str]]:
+    """``--probe-opt probe.name=value`` values, by probe, every option of every probe filled."""
+    given: dict[str, list[tuple[str, str]]] = {probe.name: [] for probe in probes}
+    for text in texts:
+        key, value = split_option("--probe-opt", text, "grad-norm.stride=50")
+        probe, dot, name = key.rpartition(".")
+        if not dot or not probe or not name:
+            raise UserError(f"--probe-opt {text!r}: expected probe.name=value, "
+                            "e.g. --probe-opt grad-norm.stride=50")
+        if probe not in given:
+            raise UserError(f"--probe-opt {text}: probe {probe!r} is not in --probe "
+                            f"({', '.join(given) or 'none given'}); add it there")
+        given[probe].append((name, value))
+    return {probe.name: resolve_options(f"--probe-opt {probe.name}.", probe.name, probe.options,
+                                        given[probe.name]) for probe in probes}
+
+
 def build_pipeline(catalog: Catalog, names: tuple[str, ...]) -> Pipeline:
     """Order the named augmentations by stage; ``normalize`` unless a normalization is named.
 
@@ -150,6 +214,8 @@ def plan(config: TrainConfig, catalog: Catalog | None = None) -> Plan:
                         f"accepted: {', '.join(dataset.splits)}")
     pipeline = build_pipeline(catalog, parse_list(config.aug))
     probes = tuple(catalog.get("probe", name) for name in parse_list(config.probes))
+    chosen_arch_options = arch_options(arch, config.arch_options)
+    chosen_probe_options = probe_options(probes, config.probe_options)
     for key in ("iters", "batch_size", "eval_every"):
         if getattr(config, key) < 1:
             raise UserError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(config, key)}")
@@ -167,9 +233,14 @@ def plan(config: TrainConfig, catalog: Catalog | None = None) -> Plan:
         raise UserError(f"--weight-decay must be >= 0, got {filled['weight_decay']}")
     if config.threads is not None and config.threads < 1:
         raise UserError(f"--threads must be at least 1, got {config.threads}")
-    resolved = replace(config, aug=tuple(a.name for a in augs_in(pipeline)),
-                       probes=tuple(p.name for p in probes), **filled)
-    return Plan(resolved, arch, dataset, pipeline, probes, resolve_device(config.device))
+    resolved = replace(
+        config, aug=tuple(a.name for a in augs_in(pipeline)), probes=tuple(p.name for p in probes),
+        arch_options=tuple(f"{name}={value}" for name, value in chosen_arch_options.items()),
+        probe_options=tuple(f"{probe}.{name}={value}" for probe, options in
+                            chosen_probe_options.items() for name, value in options.items()),
+        **filled)
+    return Plan(resolved, arch, dataset, pipeline, probes, resolve_device(config.device),
+                chosen_arch_options, chosen_probe_options)
 
 
 def augs_in(pipeline: Pipeline) -> tuple[Augmentation, ...]:
@@ -256,26 +327,53 @@ def run_tags(plan: Plan) -> dict[str, str]:
     return tags
 
 
-def train(plan: Plan, data: ImageData, run: Run | None = None,
-          on_update: Callable[[int, Mapping[str, float]], None] | None = None) -> Result:
-    """Train as the plan says; log to ``run`` when given. ``on_update`` sees each flush."""
+@dataclass
+class Prepared:
+    """A run's model, initialized, and its probes, attached to the model's network."""
+
+    model: Classifier
+    probes: list[Callable[[], Mapping[str, Tensor]]]
+
+
+def prepare(plan: Plan, data: ImageData) -> Prepared:
+    """Build the model and attach the probes, seeded.
+
+    Options that only the plugin can check (a weights file, a layer name) fail here: call it
+    before opening a run, so that bad input opens none.
+    """
     cfg = plan.config
-    device = plan.device
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    channels_last, amp = speed_settings(device)
-
+    channels_last, _ = speed_settings(plan.device)
     image_shape = tuple(data.train_images.shape[1:])
     net = plan.arch.build(num_classes=len(data.classes), in_channels=image_shape[0],
-                          image_size=image_shape[1])
-    model = Classifier(plan.pipeline.normalize.fit(data.train_images), net, data.classes).to(device)
+                          image_size=image_shape[1], **plan.arch_options)
+    model = Classifier(plan.pipeline.normalize.fit(data.train_images), net, data.classes)
+    model = model.to(plan.device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    probes = [probe.attach(model.net, **plan.probe_options.get(probe.name, {}))
+              for probe in plan.probes]
+    return Prepared(model, probes)
+
+
+def train(plan: Plan, data: ImageData, run: Run | None = None,
+          on_update: Callable[[int, Mapping[str, float]], None] | None = None,
+          prepared: Prepared | None = None) -> Result:
+    """Train as the plan says; log to ``run`` when given. ``on_update`` sees each flush.
+
+    ``prepared`` is :func:`prepare`'s result, when the caller built the model first.
+    Raises :class:`Diverged` when the loss becomes NaN or infinite.
+    """
+    cfg = plan.config
+    device = plan.device
+    prepared = prepared if prepared is not None else prepare(plan, data)
+    model, probes = prepared.model, prepared.probes
+    channels_last, amp = speed_settings(device)
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum,
                                cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.schedule, cfg.iters))
-    probes = [probe.attach(model.net) for probe in plan.probes]
 
     if run is not None:
         run.log_params(plan.params())
@@ -291,6 +389,7 @@ def train(plan: Plan, data: ImageData, run: Run | None = None,
 
     start = time.perf_counter()
     test_loss = test_acc = torch.tensor(float("nan"))
+    checked = 0  # train/loss points already checked for NaN and infinity
     try:
         for step in range(1, cfg.iters + 1):
             idx = next_batch()
@@ -324,6 +423,17 @@ def train(plan: Plan, data: ImageData, run: Run | None = None,
                 latest = metrics.flush()
                 if on_update is not None:
                     on_update(step, latest)
+                losses = metrics.history["train/loss"]
+                bad = next(((s, v) for s, v in losses[checked:] if not math.isfinite(v)), None)
+                checked = len(losses)
+                if bad is not None:
+                    raise diverged(plan, *bad, run)
+    except Diverged as exc:
+        if run is not None:  # the curves up to the divergence are what explains it
+            run.set_tags({"cifarx.diverged_at": exc.step})
+            log_figures(plan, metrics.history, run,
+                        f"{cfg.arch}: diverged at iteration {exc.step} (loss {exc.value})")
+        raise
     finally:
         metrics.flush()  # what was measured is kept, also when the run fails or is interrupted
     seconds = time.perf_counter() - start
@@ -335,19 +445,33 @@ def train(plan: Plan, data: ImageData, run: Run | None = None,
     return result
 
 
-def finish(plan: Plan, result: Result, run: Run):
-    """Log the end-of-run summary metrics, the figure and the model."""
+def diverged(plan: Plan, step: int, value: float, run: Run | None) -> Diverged:
+    cfg = plan.config
+    kept = f"run {run.id} ends FAILED with its metrics up to there; " if run is not None else ""
+    advice = "a lower --lr" + (", another --arch-opt init" if "init" in plan.arch_options else "")
+    return Diverged(f"training diverged: train/loss is {value} at iteration {step} of {cfg.iters} "
+                    f"({cfg.arch}, lr {cfg.lr:g}); {kept}try {advice}, or an architecture with "
+                    "normalization or skip connections", step, value)
+
+
+def log_figures(plan: Plan, history: Mapping[str, list[tuple[int, float]]], run: Run, title: str):
+    """The training curves and each probe's figure."""
     from .figures import training_curves
 
+    run.log_figure(training_curves(history, title), "figures/training.png")
+    for probe in plan.probes:
+        if probe.figure is not None:
+            run.log_figure(probe.figure(history), f"figures/{probe.name}.png")
+
+
+def finish(plan: Plan, result: Result, run: Run):
+    """Log the end-of-run summary metrics, the figures and the model."""
     run.log_points([(key, value, plan.config.iters, int(time.time() * 1000)) for key, value in {
         "final/test_acc": result.test_acc, "final/test_loss": result.test_loss,
         "final/train_seconds": result.seconds, "final/images_per_second": result.images_per_second,
     }.items()])
     title = f"{plan.config.arch} ({','.join(plan.pipeline.names)}): final test accuracy " \
             f"{result.test_acc:.2%}"
-    run.log_figure(training_curves(result.history, title), "figures/training.png")
-    for probe in plan.probes:
-        if probe.figure is not None:
-            run.log_figure(probe.figure(result.history), f"figures/{probe.name}.png")
+    log_figures(plan, result.history, run, title)
     model = result.model.to("cpu", memory_format=torch.contiguous_format).eval()
     result.model_uri = run.log_model(model)

@@ -1,4 +1,4 @@
-"""The one exception type for bad input."""
+"""The exception types the CLI turns into one line: bad input, and a training that diverged."""
 
 
 class UserError(Exception):
@@ -8,3 +8,19 @@ class UserError(Exception):
     The message says what was wrong and what is accepted. Anything else is a bug and keeps
     its traceback.
     """
+
+
+class Diverged(Exception):
+    """Training stopped because the loss became NaN or infinite.
+
+    The engine notices it where metrics reach the host (no per-step sync), keeps what was
+    logged and ends the run FAILED. The CLI prints it as one line, ``cifarx: error: training
+    diverged ...``, and exits with status 3: the input was valid, the training was not.
+    """
+
+    exit_status = 3
+
+    def __init__(self, message: str, step: int, value: float):
+        super().__init__(message)
+        self.step = step
+        self.value = value

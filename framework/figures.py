@@ -45,3 +45,62 @@ def confusion_matrix(matrix: np.ndarray, classes: tuple[str, ...], title: str):
     ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def _pixels(image) -> np.ndarray:
+    """(C, H, W) in [0, 1] -> what imshow takes."""
+    array = np.asarray(image, dtype=np.float32).clip(0, 1)
+    return array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0)
+
+
+def adversarial_examples(originals, adversarial, captions: list[tuple[str, str, str]],
+                         fooled: list[bool], title: str, per_row: int = 2):
+    """For each image: the original, the perturbation (amplified to fill the grey range) and
+    the adversarial image, each with its caption; a fooled model's class is in red."""
+    n = len(originals)
+    rows = max(1, -(-n // per_row))
+    fig, axes = plt.subplots(rows, 3 * per_row, figsize=(3 * per_row * 1.7, rows * 1.9),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i in range(n):
+        original, adv = np.asarray(originals[i]), np.asarray(adversarial[i])
+        delta = adv - original
+        peak = float(np.abs(delta).max())
+        gain = 0.5 / peak if peak > 0 else 1.0
+        panels = (original, 0.5 + delta * gain, adv)
+        texts = (captions[i][0], f"{captions[i][1]}, x{gain:.0f}", captions[i][2])
+        colors = ("black", "dimgray", "red" if fooled[i] else "black")
+        for j, (panel, text, color) in enumerate(zip(panels, texts, colors)):
+            ax = axes[i // per_row, (i % per_row) * 3 + j]
+            ax.imshow(_pixels(panel), cmap="gray" if panel.shape[0] == 1 else None,
+                      interpolation="nearest")
+            ax.set_title(text, fontsize=7, color=color)
+    fig.suptitle(f"{title}\noriginal | perturbation (amplified) | adversarial", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def transfer_matrix(rates, accuracies, sources: list[str], targets: list[str]):
+    """Rows: adversarial sets; columns: target models. Left: transfer rate (share of the
+    originals a target got right that it gets wrong after the attack); right: its accuracy on
+    the adversarial images."""
+    fig, axes = plt.subplots(1, 2, figsize=(4 + 2.4 * len(targets), 1.5 + 0.7 * len(sources)),
+                             squeeze=False)
+    for ax, values, name, cmap in ((axes[0, 0], rates, "transfer rate", "Reds"),
+                                   (axes[0, 1], accuracies, "accuracy on adversarial images",
+                                    "Blues")):
+        grid = np.array(values, dtype=float)
+        ax.imshow(grid, cmap=cmap, vmin=0, vmax=1, aspect="auto")
+        ax.set_xticks(range(len(targets)), targets, rotation=30, ha="right", fontsize=8)
+        ax.set_yticks(range(len(sources)), sources, fontsize=8)
+        ax.set_xlabel("target model")
+        ax.set_title(name)
+        for i in range(grid.shape[0]):
+            for j in range(grid.shape[1]):
+                text = "-" if np.isnan(grid[i, j]) else f"{grid[i, j]:.0%}"
+                ax.text(j, i, text, ha="center", va="center", fontsize=9,
+                        color="white" if grid[i, j] > 0.6 else "black")
+    axes[0, 0].set_ylabel("adversarial set")
+    fig.tight_layout()
+    return fig

@@ -20,6 +20,13 @@ from torch import Tensor, nn
 #   "normalized"  on the network's input, after normalization (e.g. a zero-padded crop)
 STAGES = ("pixels", "normalize", "normalized")
 
+# The options a plugin takes on the command line as name=value (``--arch-opt``, ``--probe-opt``),
+# passed to it as keyword arguments, always as text:
+#   name -> ("a", "b", ...)  only these values are accepted; the first is the default
+#   name -> "default"        any text (a path, a layer name, a number) that the plugin checks
+#                            itself, raising UserError; "" means "not set"
+Options = Mapping[str, "str | tuple[str, ...]"]
+
 
 @dataclass(frozen=True)
 class ImageData:
@@ -86,42 +93,84 @@ class Architecture:
 
     The module it returns takes normalized images and returns logits. ``defaults`` may set
     training options this architecture is known to train best with (``lr``, ``optimizer``,
-    ``momentum``, ``weight_decay``, ``schedule``); the user's flags still win.
+    ``momentum``, ``weight_decay``, ``schedule``); the user's flags still win. ``options`` are
+    the keyword arguments ``build`` takes from ``--arch-opt name=value`` (see :data:`Options`),
+    e.g. ``{"activation": ("relu", "silu")}``; ``build`` receives every one, filled with its
+    default, and they are logged as the params ``arch.<name>``.
     """
 
     name: str
     build: Callable[..., nn.Module]
     summary: str = ""
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    options: Options = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Probe:
-    """A training probe: ``attach(model)`` returns a function the engine calls every step.
+    """A training probe: ``attach(model, **options)`` returns a function run every training step.
 
-    That function runs after backward and before the optimizer step, and returns metrics as
-    ``{"key": scalar tensor}``. Keep the tensors on the device: the engine batches them to the
-    host and to MLflow, so a probe costs no host sync. ``figure(history)``, if given, receives
-    every metric of the run as ``{key: [(step, value), ...]}`` at the end and returns a
-    matplotlib figure, logged as ``figures/<name>.png``.
+    ``model`` is the network (after the normalization), ``options`` those the user set with
+    ``--probe-opt <probe>.name=value``, filled with their defaults (see :data:`Options`);
+    ``attach`` raises :class:`cifarx.UserError` for a value it cannot use. The function it
+    returns runs after backward and before the optimizer step, and returns metrics as
+    ``{"key": scalar tensor}`` (or none, on steps it skips). Keep the tensors on the device:
+    the engine batches them to the host and to MLflow, so a probe costs no host sync.
+    ``figure(history)``, if given, receives every metric of the run as
+    ``{key: [(step, value), ...]}`` at the end and returns a matplotlib figure, logged as
+    ``figures/<name>.png``.
     """
 
     name: str
-    attach: Callable[[nn.Module], Callable[[], Mapping[str, Tensor]]]
+    attach: Callable[..., Callable[[], Mapping[str, Tensor]]]
     summary: str = ""
     figure: Callable[[Mapping[str, list[tuple[int, float]]]], Any] | None = None
+    options: Options = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AttackResult:
+    """What an attack returns for a batch of N images.
+
+    ``images``: the adversarial images, float32 in [0, 1], shaped like the input.
+    ``steps``: gradient steps spent on each image, shape (N,).
+    ``success``: whether the attack reached its own goal on each image, shape (N,). An image
+    that failed stays in the result: it is reported, never dropped.
+    ``targets``: the class each image was pushed toward, for a targeted attack.
+    ``start``: the images the attack started from, when they are not its input (random noise).
+    """
+
+    images: Tensor
+    steps: Tensor
+    success: Tensor
+    targets: Tensor | None = None
+    start: Tensor | None = None
+
+    def __post_init__(self):
+        n = self.images.shape[:1]
+        for name in ("steps", "success", "targets"):
+            value = getattr(self, name)
+            if value is not None and value.shape != n:
+                raise ValueError(f"AttackResult.{name} must have shape ({n[0]},), got "
+                                 f"{tuple(value.shape)}")
+        if self.start is not None and self.start.shape != self.images.shape:
+            raise ValueError("AttackResult.start must have the shape of AttackResult.images")
 
 
 @dataclass(frozen=True)
 class Attack:
-    """An adversarial attack: ``build(model, **options)`` returns ``attack(images, labels)``.
+    """An adversarial attack: ``build(model, **options)`` returns an ``attack`` function.
 
-    ``model`` takes pixels in [0, 1] (it holds its own normalization) and is in eval mode;
-    ``attack`` returns adversarial images in [0, 1], same shape as ``images``.
+    ``attack(images, labels, generator)`` receives a whole batch of float32 pixels in [0, 1] on
+    the model's device with their true labels, draws any randomness from ``generator`` (on the
+    same device), and returns an :class:`AttackResult`. ``model`` takes pixels in [0, 1] (it
+    holds its own normalization), is in eval mode and its parameters do not require gradients.
+    ``build``'s keyword arguments are the attack's options, their defaults the attack's
+    defaults; it raises :class:`cifarx.UserError` for a value out of range.
     """
 
     name: str
-    build: Callable[..., Callable[[Tensor, Tensor], Tensor]]
+    build: Callable[..., Callable[[Tensor, Tensor, torch.Generator], AttackResult]]
     summary: str = ""
 
 

@@ -60,9 +60,11 @@ def tracking_uri(tmp_path_factory) -> str:
 
 @pytest.fixture(autouse=True)
 def no_mlflow_env(monkeypatch):
-    """mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI; keep tests from seeing each other's."""
+    """mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI (and set_experiment
+    MLFLOW_EXPERIMENT_ID); keep tests, and the `mlflow run` they start, from seeing each other's."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
 
 
 @pytest.fixture

@@ -65,11 +65,18 @@ def test_readme_plugin_examples_run(register_plugin, tmp_path):
     assert data.classes == ("a", "b") and data.train_images.shape == (6, 3, 8, 8)
 
     net = cat.get("architecture", "mlp").build()
-    read = cat.get("probe", "grad-total").attach(net)
+    probe = cat.get("probe", "grad-total")
+    assert dict(probe.options) == {"ord": ("2", "inf")}
+    read, read_max = probe.attach(net), probe.attach(net, ord="inf")
     F.cross_entropy(net(x), torch.tensor([0, 1, 2, 3])).backward()
-    assert read()["grad_norm/total"] > 0
+    assert read()["grad_total/l2"] > 0
+    assert read_max()["grad_total/linf"] == max(p.grad.abs().max() for p in net.parameters())
 
     attack = cat.get("attack", "fgsm-example").build(net.eval(), eps=0.1)
-    adv = attack(x, torch.tensor([0, 1, 2, 3]))
+    labels = torch.tensor([0, 1, 2, 3])
+    result = attack(x, labels, torch.Generator().manual_seed(0))
+    adv = result.images
     assert 0 <= adv.min() and adv.max() <= 1
     assert torch.allclose((adv - x).abs().max(), torch.tensor(0.1), atol=1e-6)
+    assert result.steps.tolist() == [1] * 4
+    assert torch.equal(result.success, net(adv).argmax(1) != labels)

@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from cifarx import (Architecture, Attack, Augmentation, Dataset, Family, ImageData, Probe,
-                    UserError, hookimpl)
+from cifarx import (Architecture, Attack, AttackResult, Augmentation, Dataset, Family, ImageData,
+                    Probe, UserError, hookimpl)
 from cifarx.registry import Registry, registry
 
 from fake_dists import ARCH_PLUGIN, activate, make_dist
@@ -11,6 +11,7 @@ from fake_dists import ARCH_PLUGIN, activate, make_dist
 BUILTINS = {
     ("architecture", "table1"), ("augmentation", "raw"), ("augmentation", "normalize"),
     ("augmentation", "flip"), ("augmentation", "crop"), ("dataset", "cifar10"),
+    ("attack", "ifgsm"), ("attack", "fgsm"), ("attack", "pgd"), ("attack", "fool-noise"),
 }
 
 
@@ -161,7 +162,8 @@ class EveryKind:
 
     @hookimpl
     def register_attacks(self, register):
-        register(Attack(name="test-attack", build=lambda model, **o: lambda x, y: x.flip(-1)))
+        register(Attack(name="test-attack", build=lambda model, **o: lambda x, y, g: AttackResult(
+            x.flip(-1), torch.zeros(len(x)), torch.zeros(len(x), dtype=torch.bool))))
 
 
 def test_every_kind_registers_and_is_looked_up(register_plugin):
@@ -172,7 +174,8 @@ def test_every_kind_registers_and_is_looked_up(register_plugin):
     assert isinstance(cat.get("architecture", "test-arch").build(), nn.Flatten)
     assert cat.get("probe", "test-probe").attach(None)()["probe/x"].item() == 1
     x = torch.arange(4.0).reshape(1, 1, 1, 4)
-    assert cat.get("attack", "test-attack").build(None)(x, None).flatten().tolist() == [3, 2, 1, 0]
+    flipped = cat.get("attack", "test-attack").build(None)(x, None, None).images
+    assert flipped.flatten().tolist() == [3, 2, 1, 0]
     assert {e.package for e in cat.entries if e.name.startswith("test-")} == {"every-kind"}
 
 
