@@ -67,17 +67,19 @@ def main_options(
 Device = Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")]
 Seed = Annotated[int, typer.Option(help="Seed for weights, batches, augmentation and attacks.")]
 DataDir = Annotated[Optional[Path], typer.Option(
-    help="Folder holding the dataset files [default: $CIFARX_DATA_DIR or ~/.cache/cifarx].",
+    help="Folder holding the dataset files (default: $CIFARX_DATA_DIR or ~/.cache/cifarx).",
     show_default=False)]
 Experiment = Annotated[str, typer.Option(help="MLflow experiment name.")]
-RunName = Annotated[Optional[str], typer.Option(help="MLflow run name [default: from the options].",
+RunName = Annotated[Optional[str], typer.Option(help="MLflow run name (default: from the options).",
                                                 show_default=False)]
 TrackingUri = Annotated[Optional[str], typer.Option(
-    help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db].",
+    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db).",
     show_default=False)]
 DatasetName = Annotated[str, typer.Option("--dataset", help="Dataset plugin.")]
+Threads = Annotated[Optional[int], typer.Option(help="CPU threads (default: torch's choice).",
+                                                show_default=False)]
 
-PER_ARCH = "[default: the architecture's, else {}]"
+PER_ARCH = "(default: the architecture's, else {})"
 ArchOpt = Annotated[Optional[list[str]], typer.Option(
     help="Architecture option name=value, repeatable: activation=relu|relu6|leaky_relu|elu|silu, "
          "init=default|he|xavier for the built-in conv nets (`cifarx describe ARCH` lists an "
@@ -124,8 +126,7 @@ def train(
              "grad-max.last=<layer>, grad-norm.stride=<iterations>.", show_default=False)] = None,
     seed: Seed = 0,
     device: Device = "auto",
-    threads: Annotated[Optional[int], typer.Option(
-        help="CPU threads [default: torch's choice].", show_default=False)] = None,
+    threads: Threads = None,
     experiment: Experiment = tracking.DEFAULT_EXPERIMENT,
     run_name: RunName = None,
     tracking_uri: TrackingUri = None,
@@ -265,8 +266,6 @@ def ui(
                                "--host", "127.0.0.1", "--port", str(port)], env)
 
 
-Threads = Annotated[Optional[int], typer.Option(help="CPU threads (default: torch's choice).",
-                                                show_default=False)]
 MODEL_HELP = "runs:/<run id>/model, models:/<name>/<version>, or a local MLflow model folder."
 
 

@@ -34,7 +34,7 @@ SCHEDULES = ("none", "step", "exponential", "cosine", "onecycle")
 
 # Chosen by measurement: table1 with flip,crop on train batch #1, 2,000 iterations of 100
 # (see the README's "Defaults" section for the sweep). Architectures may declare their own.
-DEFAULTS = {"optimizer": "nesterov", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4,
+DEFAULTS = {"optimizer": "nesterov", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
             "schedule": "onecycle"}
 
 FLUSH_EVERY = 25  # steps between metric transfers to the host

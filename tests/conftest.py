@@ -59,18 +59,20 @@ def tracking_uri(tmp_path_factory) -> str:
 
 
 @pytest.fixture(autouse=True)
-def no_mlflow_env(monkeypatch):
-    """mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI (and set_experiment
+def isolated(tmp_path, monkeypatch):
+    """Each test runs in its own working directory, where mlflow.db and mlruns/ would land.
+
+    mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI (and set_experiment
     MLFLOW_EXPERIMENT_ID); keep tests, and the `mlflow run` they start, from seeing each other's."""
+    monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
 
 
 @pytest.fixture
-def in_tmp(tmp_path, monkeypatch) -> Path:
-    """Run in a fresh working directory, where mlflow.db and mlruns/ would land."""
-    monkeypatch.chdir(tmp_path)
+def in_tmp(tmp_path) -> Path:
+    """The test's working directory (every test gets its own, see ``isolated``)."""
     return tmp_path
 
 

@@ -131,7 +131,7 @@ def test_train_then_evaluate_through_the_cli(data_dir, in_tmp):
     trained = cli("train", "--data-dir", data_dir, *QUICK, "--experiment", "cli")
     assert trained.exit_code == 0, trained.output
     assert "final test accuracy" in trained.stdout and "cifarx ui" in trained.stdout
-    client = MlflowClient("sqlite:///mlflow.db")  # the default store, in the working directory
+    client = MlflowClient(f"sqlite:///{in_tmp}/mlflow.db")  # the default store: the working dir
     (run,) = client.search_runs([client.get_experiment_by_name("cli").experiment_id])
     assert run.info.status == "FINISHED" and run.info.run_name == "table1 (flip,normalize,crop)"
     assert (in_tmp / "mlruns").is_dir()
