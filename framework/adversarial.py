@@ -2,11 +2,14 @@
 
 ``cifarx attack`` keeps what it made as ``adversarial/set.pt`` in its run: a dict of tensors
 (and a few strings) that ``torch.load(path, weights_only=True)`` reads back; see
-:func:`make_set`. ``cifarx transfer`` feeds stored sets to other models.
+:func:`make_set`. ``cifarx transfer`` feeds stored sets to other models. ``cifarx train
+--adv-train`` attacks the model being trained (:func:`attack_mode`, :func:`perturb`), and
+``--adv-data`` adds stored sets to its training data (:func:`training_sets`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import re
@@ -68,22 +71,24 @@ def parse_pairs(pairs: list[str]) -> dict[str, Any]:
     return options
 
 
-def flag_of(name: str) -> str:
-    return f"--{name.replace('_', '-')}" if name in FLAGS else f"--attack-opt {name}=..."
+def flag_of(name: str, flags: tuple[str, ...] = FLAGS) -> str:
+    return f"--{name.replace('_', '-')}" if name in flags else f"--attack-opt {name}=..."
 
 
-def resolve_options(attack: Attack, given: dict[str, Any]) -> dict[str, Any]:
+def resolve_options(attack: Attack, given: dict[str, Any],
+                    flags: tuple[str, ...] = FLAGS) -> dict[str, Any]:
     """The attack's options: its defaults (from ``build``'s signature) updated with ``given``.
 
-    A name ``build`` does not take is a UserError that lists the ones it does.
+    A name ``build`` does not take is a UserError that lists the ones it does, each as the flag
+    that sets it (``flags``: the options with a flag of their own; ``cifarx train`` has none).
     """
     params = list(inspect.signature(attack.build).parameters.values())[1:]  # after the model
     named = {p.name: p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     takes_any = any(p.kind == p.VAR_KEYWORD for p in params)
     unknown = [k for k in given if k not in named]
     if unknown and not takes_any:
-        accepted = ", ".join(flag_of(n) for n in named) or "none"
-        raise UserError(f"attack {attack.name} has no option {flag_of(unknown[0])}; "
+        accepted = ", ".join(flag_of(n, flags) for n in named) or "none"
+        raise UserError(f"attack {attack.name} has no option {flag_of(unknown[0], flags)}; "
                         f"its options: {accepted}")
     options = {n: p.default for n, p in named.items() if p.default is not p.empty}
     options.update(given)
@@ -128,6 +133,76 @@ def prepare(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model.to(memory_format=torch.channels_last)
+
+
+@contextlib.contextmanager
+def attack_mode(model: nn.Module):
+    """The attack contract's model (eval mode, parameters needing no gradient) for the length of
+    the block, on a model in training: its mode and its parameters' flags are back after it.
+
+    Eval mode leaves batch norm's running statistics alone (and dropout off); parameters that
+    need no gradient keep the attack's backward passes out of their ``.grad``.
+    """
+    was_training = model.training
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]  # frozen ones (e.g. a timm stem) stay frozen
+    model.eval()
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def perturb(model: nn.Module, attack: Callable[..., AttackResult], images: Tensor,
+            labels: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Adversarial versions of a training batch's ``images`` (float pixels in [0, 1]), made
+    from the model as it is now, detached; and whether the attack reached its goal on each.
+
+    Only checks that need no host sync happen here, at every step; :func:`check_training_attack`
+    made the others once, before training.
+    """
+    with attack_mode(model):
+        result = attack(images, labels, generator)
+    if not isinstance(result, AttackResult):
+        raise TypeError(f"an attack must return an AttackResult, got {type(result).__name__}")
+    if result.images.shape != images.shape:
+        raise ValueError(f"the attack returned {tuple(result.images.shape)} images for "
+                         f"{tuple(images.shape)} input")
+    return result.images.detach(), result.success.detach()
+
+
+def check_training_attack(model: nn.Module, attack: Attack, options: dict[str, Any],
+                          classes: tuple[str, ...], images: Tensor, labels: Tensor,
+                          seed: int) -> Callable[..., AttackResult]:
+    """``--adv-train``: build the attack on the model and try it on a few training images, so
+    that what only the attack can check fails before a run opens; returns the attack.
+
+    ``images`` are float pixels in [0, 1] on the model's device. The trial draws from a
+    generator of its own: training draws the same numbers with or without it.
+    """
+    try:
+        if "target" in options:  # a class name or index, as `cifarx attack --target` takes it
+            options = {**options, "target": resolve_target(options["target"], classes)}
+        with attack_mode(model):  # built-in attacks set eval mode when built
+            built = attack.build(model, **options)
+            result = built(images, labels, torch.Generator(images.device).manual_seed(seed))
+    except UserError as exc:
+        raise UserError(f"--adv-train {attack.name}: {exc}") from None
+    if not isinstance(result, AttackResult):
+        raise TypeError(f"an attack must return an AttackResult, got {type(result).__name__}")
+    adv = result.images
+    if adv.shape != images.shape or adv.dtype != torch.float32 or adv.min() < 0 or adv.max() > 1:
+        raise ValueError(f"attack {attack.name} returned {adv.dtype} {tuple(adv.shape)} images; "
+                         f"expected float32 {tuple(images.shape)} in [0, 1]")
+    if result.start is not None:
+        raise UserError(f"--adv-train {attack.name}: the attack starts from images of its own "
+                        "(noise), not from the batch's, so its images have no true class; "
+                        "accepted: an attack that perturbs its input, e.g. fgsm, pgd, ifgsm")
+    return built
 
 
 @torch.no_grad()
@@ -320,14 +395,14 @@ def image_table(adv_set: dict[str, Any]):
 # --- transfer -------------------------------------------------------------------------------
 
 
-def load_set(ref: str, uri: str) -> dict[str, Any]:
-    """The set of an attack run (its id), or a set.pt file."""
+def load_set(ref: str, uri: str, flag: str = "--adversarial") -> dict[str, Any]:
+    """The set of an attack run (its id), or a set.pt file; ``flag`` starts the messages."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     path = Path(ref).expanduser()
     if path.suffix == ".pt" and path.is_file():
-        return read_set(path, ref)
+        return read_set(path, ref, flag)
     _quiet_mlflow()
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(uri)
@@ -336,26 +411,55 @@ def load_set(ref: str, uri: str) -> dict[str, Any]:
         client.get_run(ref)
         stored = [a.path for a in client.list_artifacts(ref, str(Path(SET_ARTIFACT).parent))]
     except MlflowException as exc:
-        raise UserError(f"--adversarial {ref}: no such run in {uri} "
+        raise UserError(f"{flag} {ref}: no such run in {uri} "
                         f"({exc.message.splitlines()[0]}); {accepted}") from None
     if SET_ARTIFACT not in stored:
-        raise UserError(f"--adversarial {ref}: the run has no adversarial set ({SET_ARTIFACT}); "
+        raise UserError(f"{flag} {ref}: the run has no adversarial set ({SET_ARTIFACT}); "
                         f"{accepted}")
     with tempfile.TemporaryDirectory() as tmp:
-        return read_set(Path(client.download_artifacts(ref, SET_ARTIFACT, tmp)), ref)
+        return read_set(Path(client.download_artifacts(ref, SET_ARTIFACT, tmp)), ref, flag)
 
 
-def read_set(path: Path, ref: str) -> dict[str, Any]:
+def read_set(path: Path, ref: str, flag: str = "--adversarial") -> dict[str, Any]:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated or foreign file: say which, keep it to one line
-        raise UserError(f"--adversarial {ref}: cannot read {path.name} ({type(exc).__name__})") \
+        raise UserError(f"{flag} {ref}: cannot read {path.name} ({type(exc).__name__})") \
             from None
     missing = [k for k in SET_KEYS if not isinstance(loaded, dict) or k not in loaded]
     if missing:
-        raise UserError(f"--adversarial {ref}: not an adversarial set (missing "
+        raise UserError(f"{flag} {ref}: not an adversarial set (missing "
                         f"{', '.join(missing)})")
     return loaded
+
+
+def training_sets(refs: tuple[str, ...], uri: str, classes: tuple[str, ...],
+                  image_shape: tuple[int, ...]) -> tuple[Tensor, Tensor, int]:
+    """``--adv-data``: the adversarial images of stored sets with their true labels, and how
+    many distinct test images they were made from (the attack command attacks test images).
+
+    The images stay float32, as the attack made them (see :class:`cifarx.data.TrainingImages`).
+    """
+    images, labels, tested = [], [], set()
+    for ref in refs:
+        adv_set = load_set(ref, uri, "--adv-data")
+        if (adv_set["indices"] < 0).any():
+            raise UserError(f"--adv-data {ref}: this {adv_set['attack']} set starts from noise, "
+                            "so its images have no true class; accepted: a set made from test "
+                            "images (ifgsm, fgsm, pgd, ...)")
+        shape = tuple(adv_set["adv_images"].shape[1:])
+        if shape != image_shape or list(adv_set["classes"]) != list(classes):
+            raise UserError(f"--adv-data {ref}: the set has {_images_of(shape, adv_set['classes'])}"
+                            f"; the training data {_images_of(image_shape, classes)}")
+        images.append(adv_set["adv_images"].float())
+        labels.append(adv_set["labels"].long())
+        tested.update(adv_set["indices"].tolist())
+    return torch.cat(images), torch.cat(labels), len(tested)
+
+
+def _images_of(shape: tuple[int, ...], classes) -> str:
+    return (f"{'x'.join(map(str, shape))} images of {len(classes)} classes "
+            f"({', '.join(list(classes)[:3])}, ...)")
 
 
 def transfer_scores(adv_set: dict[str, Any], model: nn.Module, device: torch.device) -> dict:

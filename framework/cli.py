@@ -124,6 +124,21 @@ def train(
     probe_opt: Annotated[Optional[list[str]], typer.Option(
         help="Probe option probe.name=value, repeatable: grad-max.first=<layer>, "
              "grad-max.last=<layer>, grad-norm.stride=<iterations>.", show_default=False)] = None,
+    adv_train: Annotated[Optional[str], typer.Option(
+        help="Adversarial training: an attack plugin (fgsm, pgd, ...) that makes, at each "
+             "iteration, adversarial versions of part of the batch from the current model; "
+             "they replace those images, with their true labels.", show_default=False)] = None,
+    adv_ratio: Annotated[Optional[float], typer.Option(
+        help=f"With --adv-train: the fraction of each batch replaced, in (0, 1] (default "
+             f"{engine.ADV_RATIO}).", show_default=False)] = None,
+    attack_opt: Annotated[Optional[list[str]], typer.Option(
+        help="With --adv-train: an option of the attack, name=value, repeatable: eps=8/255, "
+             "steps=3, alpha=2/255, ... (default: the attack's; see `cifarx attack --help`).",
+        show_default=False)] = None,
+    adv_data: Annotated[Optional[list[str]], typer.Option(
+        help="Run id of a `cifarx attack` run (or a set.pt file) whose adversarial images join "
+             "the training data with their true labels; repeatable, or a comma list.",
+        show_default=False)] = None,
     seed: Seed = 0,
     device: Device = "auto",
     threads: Threads = None,
@@ -138,12 +153,22 @@ def train(
         eval_every=eval_every, optimizer=optimizer, lr=lr, momentum=momentum,
         weight_decay=weight_decay, schedule=schedule, seed=seed, device=device, threads=threads,
         probes=engine.parse_list(probe), arch_options=with_pretrained(arch_opt or [], pretrained),
-        probe_options=tuple(probe_opt or ()))
+        probe_options=tuple(probe_opt or ()), adv_train=adv_train, adv_ratio=adv_ratio,
+        attack_options=tuple(attack_opt or ()),
+        adv_data=engine.parse_list(",".join(adv_data or [])))
     plan = engine.plan(config, plugins_catalog())
     data = plan.load_data()
-    prepared = engine.prepare(plan, data)  # a bad weights file or layer name opens no run
     uri = tracking.tracking_uri(tracking_uri)
+    # A bad weights file, layer name, attack option or --adv-data run opens no run.
+    prepared = engine.prepare(plan, data, uri)
     label = f"{plan.config.arch} ({','.join(plan.pipeline.names)})"
+    if plan.attack is not None:
+        label += f" adv {plan.attack.name} {plan.config.adv_ratio:g}"
+    if prepared.adv_images is not None:
+        label += f" +{len(prepared.adv_images):,} adv"
+        err.print(f"cifarx: warning: --adv-data: its {len(prepared.adv_images):,} images are "
+                  f"adversarial versions of {prepared.adv_test_images:,} test images; the test "
+                  "accuracy counts their originals", highlight=False, soft_wrap=True)
     with tracking.start_run(uri, experiment, run_name or label, engine.run_tags(plan)) as run:
         with TrainingProgress(plan.config.iters, plan.config.batch_size, label) as progress:
             result = engine.train(plan, data, run, on_update=progress.update, prepared=prepared)

@@ -102,3 +102,34 @@ class BatchSampler:
         batch = self._order[self._next:self._next + self.batch_size]
         self._next += self.batch_size
         return batch
+
+
+class TrainingImages:
+    """The training images on the device; ``batch(indices)`` gives float pixels in [0, 1].
+
+    The dataset's images stay uint8 (a quarter of float32's memory). Stored adversarial images
+    (``--adv-data``) follow them as float32, as their attack made them: rounding them to 8 bits
+    would move pixels by up to 0.5/255 (half an ifgsm step), and the model would train on
+    images other than those the attack made and recorded. Index ``i >= len(images)`` is
+    ``extra_images[i - len(images)]``.
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, device: torch.device,
+                 extra_images: Tensor | None = None, extra_labels: Tensor | None = None):
+        self.images = images.to(device)
+        self.extra = None if extra_images is None else extra_images.to(device, torch.float32)
+        if extra_labels is not None:
+            labels = torch.cat([labels, extra_labels.to(labels.dtype)])
+        self.labels = labels.to(device)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, indices: Tensor) -> tuple[Tensor, Tensor]:
+        x = self.images[indices if self.extra is None else indices.clamp(max=len(self.images) - 1)]
+        x = x.float().div_(255)
+        if self.extra is not None:
+            # Two gathers and a select: boolean indexing would wait for the device each step.
+            stored = self.extra[(indices - len(self.images)).clamp(min=0)]
+            x = torch.where((indices < len(self.images)).view(-1, 1, 1, 1), x, stored)
+        return x, self.labels[indices]

@@ -2,8 +2,13 @@
 
 One training step::
 
-    uint8 images on device --index--> batch --"pixels" augs--> normalize --"normalized" augs-->
-    net --> loss --> backward --> probes --> optimizer step --> metrics kept on the device
+    uint8 images on device --index--> batch --"pixels" augs--> [adversarial] --> normalize -->
+    "normalized" augs --> net --> loss --> backward --> probes --> optimizer step --> metrics
+    kept on the device
+
+``[adversarial]`` (``--adv-train``) replaces the first ``adv_per_batch`` images of the batch
+(a random sample, as the batch is) by the attack's versions of them, made from the model as it
+is at that step, in eval mode (:func:`cifarx.adversarial.attack_mode`).
 
 Metrics reach the host (and MLflow) every ``FLUSH_EVERY`` steps and at each evaluation; a NaN or
 infinite loss is noticed there and stops the run (:class:`cifarx.errors.Diverged`).
@@ -21,13 +26,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import __version__
-from .data import BatchSampler, resolve_data_dir, resolve_device
+from . import __version__, adversarial
+from .data import BatchSampler, TrainingImages, resolve_data_dir, resolve_device
 from .errors import Diverged, UserError
 from .model import Classifier
-from .plugin_types import Architecture, Augmentation, Dataset, ImageData, Options, Probe
+from .plugin_types import (Architecture, Attack, AttackResult, Augmentation, Dataset, ImageData,
+                           Options, Probe)
 from .registry import Catalog, catalog as default_catalog
 from .tracking import MetricLog, Run, data_digest, git_commit
+from .tracking import tracking_uri as resolve_tracking_uri
 
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adagrad", "adadelta", "rmsprop")
 SCHEDULES = ("none", "step", "exponential", "cosine", "onecycle")
@@ -39,6 +46,8 @@ DEFAULTS = {"optimizer": "nesterov", "lr": 0.1, "momentum": 0.9, "weight_decay":
 
 FLUSH_EVERY = 25  # steps between metric transfers to the host
 EVAL_BATCH = 1000
+ADV_RATIO = 0.5  # with --adv-train: the fraction of each batch replaced by adversarial images
+ADV_TRIAL = 2  # training images an --adv-train attack is tried on before the run opens
 
 
 @dataclass(frozen=True)
@@ -64,6 +73,10 @@ class TrainConfig:
     probes: tuple[str, ...] = ()
     arch_options: tuple[str, ...] = ()  # "name=value", from --arch-opt
     probe_options: tuple[str, ...] = ()  # "probe.name=value", from --probe-opt
+    adv_train: str | None = None  # an attack plugin: adversarial images made at each step
+    adv_ratio: float | None = None  # the fraction of each batch they replace (ADV_RATIO)
+    attack_options: tuple[str, ...] = ()  # "name=value", from --attack-opt
+    adv_data: tuple[str, ...] = ()  # attack run ids (or set.pt files) added to the data
 
 
 @dataclass(frozen=True)
@@ -91,17 +104,30 @@ class Plan:
     device: torch.device
     arch_options: Mapping[str, str] = field(default_factory=dict)  # every option, defaults filled
     probe_options: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # by probe name
+    attack: Attack | None = None  # --adv-train's
+    attack_options: Mapping[str, Any] = field(default_factory=dict)  # every option, defaults filled
+    adv_per_batch: int = 0  # images of each batch replaced by adversarial ones
 
     def params(self) -> dict[str, Any]:
-        """The resolved config, flat, for MLflow params; options as ``arch.<name>`` and
-        ``probe.<probe>.<name>`` (unset free-text options left out)."""
+        """The resolved config, flat, for MLflow params; options as ``arch.<name>``,
+        ``probe.<probe>.<name>`` (unset free-text options left out) and ``attack.<name>``.
+        The adversarial params appear only in runs that use them."""
         flat = asdict(self.config)
         flat["aug"] = ",".join(self.pipeline.names)
         flat["probe"] = ",".join(flat.pop("probes"))
-        del flat["arch_options"], flat["probe_options"]
+        del flat["arch_options"], flat["probe_options"], flat["attack_options"]
         flat.update({f"arch.{name}": value for name, value in self.arch_options.items() if value})
         flat.update({f"probe.{probe}.{name}": value for probe, options in self.probe_options.items()
                      for name, value in options.items() if value})
+        if self.attack is None:
+            del flat["adv_train"], flat["adv_ratio"]
+        else:
+            flat["adv_per_batch"] = self.adv_per_batch
+            flat.update({f"attack.{name}": value for name, value in self.attack_options.items()})
+        if self.config.adv_data:
+            flat["adv_data"] = ",".join(self.config.adv_data)
+        else:
+            del flat["adv_data"]
         flat["data_dir"] = str(resolve_data_dir(self.config.data_dir))
         flat["device"] = str(self.device)
         flat["threads"] = self.config.threads or torch.get_num_threads()
@@ -186,6 +212,33 @@ def probe_options(probes: tuple[Probe, ...], texts: tuple[str, ...]) -> dict[str
                                         given[probe.name]) for probe in probes}
 
 
+def adversarial_training(catalog: Catalog, config: TrainConfig
+                         ) -> tuple[Attack | None, dict[str, Any], float | None, int]:
+    """``--adv-train``, ``--adv-ratio`` and ``--attack-opt`` checked: (the attack, its options
+    with the defaults filled, the ratio, the images it replaces in each batch).
+
+    The option values are the attack's to check: :func:`prepare` builds it on the model.
+    """
+    if config.adv_train is None:
+        for flag, given in (("--adv-ratio", config.adv_ratio is not None),
+                            ("--attack-opt", bool(config.attack_options))):
+            if given:
+                raise UserError(f"{flag} applies to adversarial training; add --adv-train "
+                                "ATTACK (fgsm, pgd, ...)")
+        return None, {}, None, 0
+    attack = catalog.get("attack", config.adv_train)
+    ratio = ADV_RATIO if config.adv_ratio is None else config.adv_ratio
+    if not 0 < ratio <= 1:
+        raise UserError(f"--adv-ratio must be in (0, 1] (the fraction of each batch replaced by "
+                        f"adversarial images), got {ratio}")
+    per_batch = math.floor(ratio * config.batch_size + 0.5)  # to the nearest, halves up
+    if per_batch < 1:
+        raise UserError(f"--adv-ratio {ratio:g} of --batch-size {config.batch_size} replaces no "
+                        f"image; accepted: at least {1 / config.batch_size:g}")
+    given = adversarial.parse_pairs(list(config.attack_options))
+    return attack, adversarial.resolve_options(attack, given, flags=()), ratio, per_batch
+
+
 def build_pipeline(catalog: Catalog, names: tuple[str, ...]) -> Pipeline:
     """Order the named augmentations by stage; ``normalize`` unless a normalization is named.
 
@@ -233,14 +286,17 @@ def plan(config: TrainConfig, catalog: Catalog | None = None) -> Plan:
         raise UserError(f"--weight-decay must be >= 0, got {filled['weight_decay']}")
     if config.threads is not None and config.threads < 1:
         raise UserError(f"--threads must be at least 1, got {config.threads}")
+    attack, attack_options, adv_ratio, adv_per_batch = adversarial_training(catalog, config)
     resolved = replace(
         config, aug=tuple(a.name for a in augs_in(pipeline)), probes=tuple(p.name for p in probes),
         arch_options=tuple(f"{name}={value}" for name, value in chosen_arch_options.items()),
         probe_options=tuple(f"{probe}.{name}={value}" for probe, options in
                             chosen_probe_options.items() for name, value in options.items()),
-        **filled)
+        adv_train=attack.name if attack else None, adv_ratio=adv_ratio,
+        attack_options=tuple(f"{name}={value}" for name, value in attack_options.items()),
+        adv_data=parse_list(config.adv_data), **filled)
     return Plan(resolved, arch, dataset, pipeline, probes, resolve_device(config.device),
-                chosen_arch_options, chosen_probe_options)
+                chosen_arch_options, chosen_probe_options, attack, attack_options, adv_per_batch)
 
 
 def augs_in(pipeline: Pipeline) -> tuple[Augmentation, ...]:
@@ -319,6 +375,10 @@ def run_tags(plan: Plan) -> dict[str, str]:
             "cifarx.dataset": plan.dataset.name, "cifarx.version": __version__,
             "cifarx.torch": torch.__version__, "cifarx.device": str(plan.device),
             "cifarx.threads": str(plan.config.threads or torch.get_num_threads())}
+    if plan.attack is not None:
+        tags["cifarx.adv_train"] = plan.attack.name
+    if plan.config.adv_data:
+        tags["cifarx.adv_data"] = ",".join(plan.config.adv_data)
     if plan.device.type == "cuda":
         tags["cifarx.gpu"] = torch.cuda.get_device_name(plan.device)
     commit = git_commit(Path(__file__).resolve().parent)
@@ -329,17 +389,24 @@ def run_tags(plan: Plan) -> dict[str, str]:
 
 @dataclass
 class Prepared:
-    """A run's model, initialized, and its probes, attached to the model's network."""
+    """A run's model, initialized, and its probes, attached to the model's network; the
+    ``--adv-train`` attack, built on the model; the ``--adv-data`` images and their labels."""
 
     model: Classifier
     probes: list[Callable[[], Mapping[str, Tensor]]]
+    attack: Callable[..., AttackResult] | None = None
+    adv_images: Tensor | None = None  # float32 pixels in [0, 1], on the CPU
+    adv_labels: Tensor | None = None
+    adv_test_images: int = 0  # the distinct test images the --adv-data sets were made from
 
 
-def prepare(plan: Plan, data: ImageData) -> Prepared:
-    """Build the model and attach the probes, seeded.
+def prepare(plan: Plan, data: ImageData, tracking_uri: str | None = None) -> Prepared:
+    """Build the model, attach the probes and build the attack, seeded; load the --adv-data
+    sets from ``tracking_uri`` (default: :func:`cifarx.tracking.tracking_uri`'s).
 
-    Options that only the plugin can check (a weights file, a layer name) fail here: call it
-    before opening a run, so that bad input opens none.
+    Options that only the plugin can check (a weights file, a layer name, an attack's eps) and
+    a run id without an adversarial set fail here: call it before opening a run, so that bad
+    input opens none.
     """
     cfg = plan.config
     if cfg.threads:
@@ -355,7 +422,17 @@ def prepare(plan: Plan, data: ImageData) -> Prepared:
         model = model.to(memory_format=torch.channels_last)
     probes = [probe.attach(model.net, **plan.probe_options.get(probe.name, {}))
               for probe in plan.probes]
-    return Prepared(model, probes)
+    prepared = Prepared(model, probes)
+    if plan.attack is not None:
+        trial = data.train_images[:ADV_TRIAL].to(plan.device).float().div_(255)
+        prepared.attack = adversarial.check_training_attack(
+            model, plan.attack, dict(plan.attack_options), data.classes, trial,
+            data.train_labels[:ADV_TRIAL].to(plan.device), cfg.seed)
+    if cfg.adv_data:
+        prepared.adv_images, prepared.adv_labels, prepared.adv_test_images = \
+            adversarial.training_sets(cfg.adv_data, resolve_tracking_uri(tracking_uri),
+                                      data.classes, image_shape)
+    return prepared
 
 
 def train(plan: Plan, data: ImageData, run: Run | None = None,
@@ -376,27 +453,32 @@ def train(plan: Plan, data: ImageData, run: Run | None = None,
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.schedule, cfg.iters))
 
     if run is not None:
-        run.log_params(plan.params())
+        added = {} if prepared.adv_images is None else {
+            "adv_data_images": len(prepared.adv_images),
+            "adv_data_test_images": prepared.adv_test_images}
+        run.log_params({**plan.params(), **added})
         run.log_dataset(f"{plan.dataset.name}-{cfg.train_split}", data.source,
                         data_digest(data.train_images, data.train_labels), context="training")
         run.log_dict(asdict(cfg), "config.json")
     metrics = MetricLog(sink=run.log_points if run is not None else None)
 
-    train_x = data.train_images.to(device)
-    train_y = data.train_labels.to(device)
+    train_set = TrainingImages(data.train_images, data.train_labels, device,
+                               prepared.adv_images, prepared.adv_labels)
+    attack, k = prepared.attack, plan.adv_per_batch
     generator = torch.Generator(device).manual_seed(cfg.seed)
-    next_batch = BatchSampler(len(train_x), cfg.batch_size, generator, device)
+    next_batch = BatchSampler(len(train_set), cfg.batch_size, generator, device)
 
     start = time.perf_counter()
     test_loss = test_acc = torch.tensor(float("nan"))
     checked = 0  # train/loss points already checked for NaN and infinity
     try:
         for step in range(1, cfg.iters + 1):
-            idx = next_batch()
-            x = train_x[idx].float().div_(255)
-            y = train_y[idx]
+            x, y = train_set.batch(next_batch())
             for aug in plan.pipeline.pixels:
                 x = aug.apply(x, generator)
+            if attack is not None:  # the adversarial images then take the clean ones' path
+                adv, fooled = adversarial.perturb(model, attack, x[:k], y[:k], generator)
+                x = torch.cat([adv, x[k:]])
             x = model.normalize(x)
             for aug in plan.pipeline.normalized:
                 x = aug.apply(x, generator)
@@ -407,8 +489,11 @@ def train(plan: Plan, data: ImageData, run: Run | None = None,
             loss = F.cross_entropy(logits.float(), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            values = {"train/loss": loss.detach(),
-                      "train/acc": (logits.detach().argmax(1) == y).float().mean()}
+            hits = logits.detach().argmax(1) == y
+            values = {"train/loss": loss.detach(), "train/acc": hits.float().mean()}
+            if attack is not None:
+                values["train/adv_acc"] = hits[:k].float().mean()
+                values["train/attack_success"] = fooled.float().mean()
             for read in probes:
                 values.update(read())
             optimizer.step()

@@ -19,6 +19,9 @@ def training_curves(history: dict[str, list[tuple[int, float]]], title: str):
             if points:
                 steps, values = zip(*points)
                 ax.plot(steps, values, label=f"{split} {label}", **style)
+        if metric == "acc" and history.get("train/adv_acc"):  # --adv-train
+            steps, values = zip(*history["train/adv_acc"])
+            ax.plot(steps, values, label="train accuracy, adversarial images", lw=0.8, alpha=0.8)
         ax.set_xlabel("iteration")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
