@@ -62,7 +62,8 @@ def adversarial_examples(originals, adversarial, captions: list[tuple[str, str, 
     the adversarial image, each with its caption; a fooled model's class is in red."""
     n = len(originals)
     rows = max(1, -(-n // per_row))
-    fig, axes = plt.subplots(rows, 3 * per_row, figsize=(3 * per_row * 1.7, rows * 1.9),
+    height = rows * 1.9 + 0.6  # 0.6 inch for the two-line title
+    fig, axes = plt.subplots(rows, 3 * per_row, figsize=(3 * per_row * 1.7, height),
                              squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
@@ -80,7 +81,7 @@ def adversarial_examples(originals, adversarial, captions: list[tuple[str, str, 
                       interpolation="nearest")
             ax.set_title(text, fontsize=7, color=color)
     fig.suptitle(f"{title}\noriginal | perturbation (amplified) | adversarial", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.6 / height))
     return fig
 
 
