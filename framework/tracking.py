@@ -93,6 +93,7 @@ class Run:
 
         self.id = run_id
         self.client = mlflow.MlflowClient()
+        self._pending = []  # metric batches being written by MLflow's async logging thread
 
     @property
     def experiment_id(self) -> str:
@@ -113,11 +114,19 @@ class Run:
         self.client.log_batch(self.id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_points(self, points: list[Point]):
+        """Queue metrics for MLflow's writer thread: training does not wait for the store."""
         from mlflow.entities import Metric
 
         metrics = [Metric(key, value, ts, step) for key, value, step, ts in points]
         for i in range(0, len(metrics), 1000):  # the store's limit per batch
-            self.client.log_batch(self.id, metrics=metrics[i:i + 1000])
+            self._pending.append(self.client.log_batch(self.id, metrics=metrics[i:i + 1000],
+                                                       synchronous=False))
+
+    def wait(self):
+        """Block until every queued metric is stored; raises what the writer raised."""
+        pending, self._pending = self._pending, []
+        for operation in pending:
+            operation.wait()
 
     def log_figure(self, figure, path: str):
         import matplotlib.pyplot as plt
@@ -199,11 +208,17 @@ def start_run(uri: str, experiment: str | None = None, run_name: str | None = No
         if tags:
             run.set_tags(tags)
         yield run
+        run.wait()
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
+        if status != "FINISHED":
+            try:  # keep what was measured: the queued metrics still reach the store
+                run.wait()
+            except Exception:
+                pass
         mlflow.end_run(status)
 
 

@@ -175,6 +175,9 @@ def register_architectures(register):
                 "(part 2.3: gradients vanish)"))
     register(Architecture(
         name="residual", build=build_residual, options=CONV_OPTIONS,
+        # Without BatchNorm the main convs cannot take the shared peak rate: at lr 0.1 a run
+        # diverged (NaN) right after the one-cycle peak, at iteration 451 of 2,000.
+        defaults={"lr": 0.02},
         summary="plain20 with identity skips, x + s*relu(conv(x)) with a learnable s starting at "
                 "0 (ReZero): each block starts as the identity, so signal and gradient pass all "
                 "20 (part 2.4)"))

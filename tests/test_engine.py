@@ -133,3 +133,22 @@ def test_probes_run_after_backward_and_their_values_are_kept(data_dir, register_
     assert seen == [True] * 7
     assert len(result.history["probe/grad_max"]) == 7
     assert all(v > 0 for _, v in result.history["probe/grad_max"])
+
+
+def test_evaluation_folds_batchnorm_into_a_copy_and_gives_the_same_logits():
+    from cifarx.engine import folded
+    from cifarx.plugins.architectures import build_table1
+
+    net = build_table1()
+    net.train()(torch.randn(64, 3, 32, 32))  # give the BatchNorms running statistics
+    net.eval()
+    fused = folded(net)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in fused.modules())
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in net.modules()) == 3  # the original is kept
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(fused(x), net(x), atol=1e-5)
+    net.train()
+    images = (torch.rand(10, 3, 32, 32) * 255).to(torch.uint8)
+    predict(net, images, torch.device("cpu"))
+    assert net.training  # predict leaves the model's mode alone
