@@ -543,16 +543,25 @@ def log_transfer(run: Run, sources: list[dict], targets: list[dict], cells: list
 
 
 def transfer_table(sources: list[dict], targets: list[dict], cells: list[dict]):
+    """One row per pair, or for more than one pair a set x model matrix that fits a terminal."""
     from rich.table import Table
 
-    names = {**{s["key"]: s["label"] for s in sources}, **{t["key"]: t["label"] for t in targets}}
-    table = Table("adversarial set", "target model", "images", "acc orig.", "acc adv.",
-                  "transfer", "same class", title="transfer of adversarial images")
     pct = lambda v: "-" if math.isnan(v) else f"{v:.1%}"  # noqa: E731
-    for c in cells:
-        table.add_row(names[c["source"]], names[c["target"]], str(c["images"]),
+    if len(cells) == 1:
+        (c,) = cells
+        table = Table("adversarial set", "target model", "images", "acc orig.", "acc adv.",
+                      "transfer", "same class", title="transfer of adversarial images")
+        table.add_row(sources[0]["label"], targets[0]["label"], str(c["images"]),
                       pct(c["clean_acc"]), pct(c["adv_acc"]), pct(c["transfer_rate"]),
                       pct(c["same_class_rate"]))
+        return table
+    table = Table("adversarial set", *(t["label"] for t in targets),
+                  title="transfer of adversarial images: transfer rate / accuracy on them")
+    cell = {(c["source"], c["target"]): c for c in cells}
+    for s in sources:
+        table.add_row(s["label"], *(f"{pct(cell[s['key'], t['key']]['transfer_rate'])} / "
+                                    f"{pct(cell[s['key'], t['key']]['adv_acc'])}"
+                                    for t in targets))
     return table
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from cifarx.adversarial import SET_ARTIFACT, prepare
+from cifarx.adversarial import SET_ARTIFACT, prepare, transfer_table
 from cifarx.engine import TrainConfig, plan, run_tags, train
 from cifarx.registry import catalog
 from cifarx.tracking import load_model, start_run
@@ -234,3 +234,26 @@ def test_help_lists_attack_and_transfer_with_their_options():
     transfer_help = cli("transfer", "--help").stdout
     for option in ("--adversarial", "--model", "--device", "--experiment", "--tracking-uri"):
         assert option in transfer_help
+
+
+def test_transfer_table_is_one_row_per_pair_or_a_matrix():
+    from rich.console import Console
+
+    def render(sources, targets):
+        cells = [{"source": s["key"], "target": t["key"], "images": 10, "clean_acc": 0.9,
+                  "adv_acc": 0.1 * (i + 1), "transfer_rate": 0.5 + 0.1 * i,
+                  "same_class_rate": float("nan")}
+                 for i, (s, t) in enumerate((s, t) for s in sources for t in targets)]
+        console = Console(width=80, record=True)
+        console.print(transfer_table(sources, targets, cells))
+        return console.export_text()
+
+    sets = [{"key": f"s{i}", "label": f"pgd s{i}"} for i in range(2)]
+    models = [{"key": f"m{i}", "label": f"convonly m{i}"} for i in range(3)]
+    one = render(sets[:1], models[:1])
+    assert "acc adv." in one and "50.0%" in one and "10.0%" in one and "-" in one
+    matrix = render(sets, models)
+    rows = [line for line in matrix.splitlines() if "pgd s" in line]
+    assert len(rows) == 2  # one line per set, a column per model
+    assert "50.0% / 10.0%" in rows[0] and "100.0% / 60.0%" in rows[1]
+    assert all(f"convonly m{i}" in matrix for i in range(3))
