@@ -252,6 +252,8 @@ def load_model(uri: str, tracking: str, device: torch.device | str = "cpu") -> n
             raise UserError(f"--model {uri}: no MLflow model there (no MLmodel file); accepted: "
                             "runs:/<run id>/model, models:/<name>/<version>, or a model folder")
         uri = str(path)
+    elif uri.startswith("runs:/"):
+        check_run_model(uri, tracking)
     try:
         model = mlflow.pytorch.load_model(uri, map_location=torch.device(device))
     except mlflow.exceptions.MlflowException as exc:
@@ -264,6 +266,26 @@ def load_model(uri: str, tracking: str, device: torch.device | str = "cpu") -> n
     if not isinstance(model, nn.Module):
         raise UserError(f"--model {uri} is not a PyTorch model")
     return model.eval()
+
+
+def check_run_model(uri: str, tracking: str):
+    """Say plainly when a ``runs:/<id>/<path>`` URI names no run, or a run without a model."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    run_id, _, path = uri[len("runs:/"):].partition("/")
+    client = MlflowClient(tracking)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise UserError(f"--model {uri}: no run {run_id!r} in the store {tracking} (see the "
+                        "runs with `cifarx ui`, or set --tracking-uri)") from None
+    path = path.strip("/") or "model"
+    if not any(a.path == f"{path}/MLmodel" for a in client.list_artifacts(run_id, path)):
+        has = ", ".join(a.path for a in client.list_artifacts(run_id)) or "nothing"
+        raise UserError(f"--model {uri}: run {run_id} ({run.info.run_name}) has no model at "
+                        f"{path!r} (its artifacts: {has}); `cifarx train` runs log theirs as "
+                        "runs:/<run id>/model")
 
 
 def source_run_id(uri: str) -> str | None:

@@ -168,7 +168,7 @@ def test_transfer_numbers_equal_a_direct_recomputation(models, data_dir, trackin
 
 
 @pytest.mark.parametrize("args, fragments", [
-    (["--model", "runs:/0123456789abcdef0123456789abcdef/model"], ["cannot load it", "not found"]),
+    (["--model", "runs:/0123456789abcdef0123456789abcdef/model"], ["no run '0123456789abcdef0123456789abcdef' in the store"]),
     (["--attack", "nope"], ["unknown attack 'nope'", "available: fgsm, fool-noise, ifgsm, pgd"]),
     (["--eps", "0"], ["--eps must be in (0, 1], got 0"]),
     (["--eps", "2"], ["--eps must be in (0, 1], got 2"]),
@@ -194,7 +194,9 @@ def test_a_run_without_a_model_or_a_set_is_one_line(models, data_dir, tracking_u
     assert result.exit_code == 0, result.output
     attack_run = last_run_id(result)
     one_line_error(cli("attack", "--model", f"runs:/{attack_run}/model", "--data-dir", data_dir,
-                       "--tracking-uri", tracking_uri, "--device", "cpu"), "cannot load it")
+                       "--tracking-uri", tracking_uri, "--device", "cpu"),
+                   f"run {attack_run} (", "has no model at 'model'", "adversarial",
+                   "`cifarx train` runs log theirs as runs:/<run id>/model")
     one_line_error(cli("transfer", "--adversarial", models[0], "--model",
                        f"runs:/{models[0]}/model", "--tracking-uri", tracking_uri),
                    f"--adversarial {models[0]}: the run has no adversarial set")
@@ -202,7 +204,7 @@ def test_a_run_without_a_model_or_a_set_is_one_line(models, data_dir, tracking_u
                        f"runs:/{models[0]}/model", "--tracking-uri", tracking_uri),
                    "no such run", "accepted: the run id of a `cifarx attack` run")
     one_line_error(cli("transfer", "--adversarial", attack_run, "--model", "runs:/nope/model",
-                       "--tracking-uri", tracking_uri), "--model runs:/nope/model: cannot load it")
+                       "--tracking-uri", tracking_uri), "--model runs:/nope/model: no run 'nope' in the store")
 
 
 def test_fool_noise_starts_from_noise_and_keeps_it(models, data_dir, tracking_uri, tmp_path):

@@ -151,6 +151,6 @@ def test_train_then_evaluate_through_the_cli(data_dir, in_tmp):
 
 def test_evaluate_bad_model_is_one_line(data_dir, in_tmp, tmp_path):
     one_line_error(cli("evaluate", "--model", "runs:/0123456789abcdef0123456789abcdef/model",
-                       "--data-dir", data_dir), "cannot load it")
+                       "--data-dir", data_dir), "no run", "set --tracking-uri")
     one_line_error(cli("evaluate", "--model", tmp_path, "--data-dir", data_dir),
                    "no MLflow model there")

@@ -151,7 +151,7 @@ def test_metric_log_holds_tensors_until_flush():
 
 
 def test_unknown_models_are_user_errors(tracking_uri, tmp_path):
-    with pytest.raises(UserError, match="cannot load it"):
+    with pytest.raises(UserError, match="no run '0123456789abcdef0123456789abcdef' in the store"):
         load_model("runs:/0123456789abcdef0123456789abcdef/model", tracking_uri)
     with pytest.raises(UserError, match="no MLflow model there"):
         load_model(str(tmp_path), tracking_uri)
