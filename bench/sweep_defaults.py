@@ -5,6 +5,9 @@ protocol (train batch #1, 2,000 iterations of 100, evaluated every 100) and prin
 accuracy of each, best first. Every run is logged to MLflow (experiment "defaults-sweep").
 
     python bench/sweep_defaults.py --data-dir DIR [--arch table1] [--aug flip,crop] [--seeds 0,1]
+        [--threads N] [--precision auto|fp32|bf16]
+
+The README's table: --threads 1 --precision fp32.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ def main():
     parser.add_argument("--aug", default="flip,crop")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--precision", default="auto", choices=engine.PRECISIONS)
     parser.add_argument("--only", help="comma list of candidate numbers (1-based) to run")
     parser.add_argument("--tracking-uri")
     args = parser.parse_args()
@@ -56,7 +60,7 @@ def main():
         for seed in seeds:
             config = engine.TrainConfig(arch=args.arch, aug=engine.parse_list(args.aug),
                                         data_dir=args.data_dir, seed=seed, threads=args.threads,
-                                        **hp)
+                                        precision=args.precision, **hp)
             plan = engine.plan(config)
             data = data or plan.load_data()
             name = f"#{number} " + " ".join(f"{k}={v}" for k, v in hp.items()) + f" seed={seed}"

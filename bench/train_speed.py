@@ -6,6 +6,7 @@ All variants train the Table-1 net with flip+crop on train batch #1 under the sa
 - baseline: bench/baseline.py (a DataLoader with 2 workers, per-image transforms);
 - cifarx, tracked: as `cifarx train` runs, logging to a temporary MLflow store;
 - cifarx, untracked: the same without MLflow;
+- cifarx, fp32: untracked, in float32 where the default (``--precision auto``) picked bf16;
 - cifarx, NCHW: untracked, with PyTorch's default memory layout instead of channels_last.
 
 They alternate for --repeats rounds, so that a change in the machine's load hits each of them,
@@ -24,6 +25,7 @@ reports that work (wall and CPU time, MLflow's writer thread included) against t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import tempfile
 import time
@@ -90,7 +92,7 @@ def main():
                                                "schedule")}
     images = args.iters * plan.config.batch_size
     print(f"table1 flip+crop, {args.iters} iterations of 100, eval every 100, {args.threads} "
-          f"threads, {args.repeats} alternating rounds, fastest counts; {hp}", flush=True)
+          f"threads, precision {plan.config.precision}, {args.repeats} alternating rounds, fastest counts; {hp}", flush=True)
 
     store = tempfile.TemporaryDirectory()
     uri = f"sqlite:///{store.name}/mlflow.db"
@@ -115,8 +117,12 @@ def main():
         result = engine.train(plan, data)
         return result.seconds, result.test_acc, {}
 
+    def fp32():
+        result = engine.train(engine.plan(dataclasses.replace(config, precision="fp32")), data)
+        return result.seconds, result.test_acc, {}
+
     def nchw():
-        engine.speed_settings = lambda device: (False, chosen_layout(device)[1])
+        engine.speed_settings = lambda device: False
         try:
             return untracked()
         finally:
@@ -124,6 +130,8 @@ def main():
 
     variants = {"baseline (DataLoader, 2 workers)": baseline, "cifarx, tracked": tracked,
                 "cifarx, untracked": untracked, "cifarx, untracked, NCHW": nchw}
+    if plan.config.precision != "fp32":
+        variants["cifarx, untracked, fp32"] = fp32
     best: dict[str, tuple[float, float, dict]] = {}
     for round_ in range(1, args.repeats + 1):
         for name, variant in variants.items():
@@ -135,7 +143,7 @@ def main():
                      if extra else ""), flush=True)
             if name not in best or seconds < best[name][0]:
                 best[name] = (seconds, acc, extra)
-    base, track, plain, layout = (best[name][0] for name in variants)
+    base, track, plain, layout = (best[name][0] for name in list(variants)[:4])
     extra = best["cifarx, tracked"][2]
     replay_wall, replay_cpu = replay_cost(extra["history"], uri)
     points = sum(len(values) for values in extra["history"].values())
@@ -155,6 +163,9 @@ def main():
           f"{extra['mlflow'] / extra['end_to_end']:.1%} of the tracked run end to end; opening "
           f"the run (importing mlflow, creating the store) {extra['opening']:.1f} s")
     print(f"channels_last vs NCHW on this CPU: {layout / plain:.2f}x")
+    if "cifarx, untracked, fp32" in best:
+        print(f"{plan.config.precision} (the default here) vs fp32 on this CPU: "
+              f"{best['cifarx, untracked, fp32'][0] / plain:.2f}x")
 
 
 if __name__ == "__main__":

@@ -65,6 +65,9 @@ def main_options(
 
 # Options shared by the commands that run something.
 Device = Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")]
+Precision = Annotated[str, typer.Option(
+    help="Forward passes in fp32, or bf16 (autocast; weights, loss and gradients stay fp32); "
+         "auto: bf16 where the device computes it natively (recent GPUs, AVX-512 CPUs).")]
 Seed = Annotated[int, typer.Option(help="Seed for weights, batches, augmentation and attacks.")]
 DataDir = Annotated[Optional[Path], typer.Option(
     help="Folder holding the dataset files (default: $CIFARX_DATA_DIR or ~/.cache/cifarx).",
@@ -141,6 +144,7 @@ def train(
         show_default=False)] = None,
     seed: Seed = 0,
     device: Device = "auto",
+    precision: Precision = "auto",
     threads: Threads = None,
     experiment: Experiment = tracking.DEFAULT_EXPERIMENT,
     run_name: RunName = None,
@@ -151,7 +155,8 @@ def train(
         arch=arch, aug=engine.parse_list(aug), dataset=dataset, train_split=train_split,
         data_dir=str(data_dir) if data_dir else None, iters=iters, batch_size=batch_size,
         eval_every=eval_every, optimizer=optimizer, lr=lr, momentum=momentum,
-        weight_decay=weight_decay, schedule=schedule, seed=seed, device=device, threads=threads,
+        weight_decay=weight_decay, schedule=schedule, seed=seed, device=device, precision=precision,
+        threads=threads,
         probes=engine.parse_list(probe), arch_options=with_pretrained(arch_opt or [], pretrained),
         probe_options=tuple(probe_opt or ()), adv_train=adv_train, adv_ratio=adv_ratio,
         attack_options=tuple(attack_opt or ()),
@@ -175,7 +180,8 @@ def train(
         experiment_id = run.experiment_id
     out.print(f"[bold]{label}[/]: final test accuracy [bold green]{result.test_acc:.2%}[/] "
               f"(loss {result.test_loss:.3f}) after {plan.config.iters} iterations in "
-              f"{duration(result.seconds)}, {result.images_per_second:,.0f} img/s on {plan.device}",
+              f"{duration(result.seconds)}, {result.images_per_second:,.0f} img/s on {plan.device} "
+              f"({plan.config.precision})",
               soft_wrap=True)
     out.print(f"run {run.id}  model {result.model_uri}", highlight=False, soft_wrap=True)
     out.print(ui_hint(uri, experiment_id, run.id), highlight=False, soft_wrap=True)

@@ -39,6 +39,7 @@ from .tracking import tracking_uri as resolve_tracking_uri
 
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adagrad", "adadelta", "rmsprop")
 SCHEDULES = ("none", "step", "exponential", "cosine", "onecycle")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 # Chosen by measurement: table1 with flip,crop on train batch #1, 2,000 iterations of 100
 # (see the README's "Defaults" section for the sweep). Architectures may declare their own.
@@ -70,6 +71,7 @@ class TrainConfig:
     schedule: str | None = None
     seed: int = 0
     device: str = "auto"
+    precision: str = "auto"  # of the forward passes; see amp_dtype
     threads: int | None = None
     probes: tuple[str, ...] = ()
     arch_options: tuple[str, ...] = ()  # "name=value", from --arch-opt
@@ -97,7 +99,7 @@ class Pipeline:
 class Plan:
     """A validated run: the config with every default filled in, and the plugins it uses."""
 
-    config: TrainConfig
+    config: TrainConfig  # with precision resolved to fp32 or bf16
     arch: Architecture
     dataset: Dataset
     pipeline: Pipeline
@@ -285,6 +287,10 @@ def plan(config: TrainConfig, catalog: Catalog | None = None) -> Plan:
         raise UserError(f"--momentum must be in [0, 1), got {filled['momentum']}")
     if filled["weight_decay"] < 0:
         raise UserError(f"--weight-decay must be >= 0, got {filled['weight_decay']}")
+    if config.precision not in PRECISIONS:
+        raise UserError(f"unknown precision {config.precision!r}; accepted: {', '.join(PRECISIONS)}")
+    device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device)
     if config.threads is not None and config.threads < 1:
         raise UserError(f"--threads must be at least 1, got {config.threads}")
     attack, attack_options, adv_ratio, adv_per_batch = adversarial_training(catalog, config)
@@ -295,8 +301,8 @@ def plan(config: TrainConfig, catalog: Catalog | None = None) -> Plan:
                             chosen_probe_options.items() for name, value in options.items()),
         adv_train=attack.name if attack else None, adv_ratio=adv_ratio,
         attack_options=tuple(f"{name}={value}" for name, value in attack_options.items()),
-        adv_data=parse_list(config.adv_data), **filled)
-    return Plan(resolved, arch, dataset, pipeline, probes, resolve_device(config.device),
+        adv_data=parse_list(config.adv_data), precision=precision, **filled)
+    return Plan(resolved, arch, dataset, pipeline, probes, device,
                 chosen_arch_options, chosen_probe_options, attack, attack_options, adv_per_batch)
 
 
@@ -335,11 +341,36 @@ def lr_factor(schedule: str, iters: int) -> Callable[[int], float]:
     raise ValueError(schedule)
 
 
-def speed_settings(device: torch.device) -> tuple[bool, torch.dtype | None]:
-    """(channels_last, autocast dtype) for the device; see bench/ for the measurements."""
+def bf16_is_fast(device: torch.device) -> bool:
+    """Whether the device computes bfloat16 natively: CUDA GPUs from Ampere on, and CPUs for
+    which oneDNN has bf16 kernels (AVX-512 or AMX on x86)."""
     if device.type == "cuda":
-        return True, torch.bfloat16
-    return True, None
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    try:
+        return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """``auto``: bf16 autocast where the device computes it natively, else fp32. Measured on
+    this project's CPU (AVX-512 BF16): training 1.5x faster, the same test accuracy."""
+    if name == "auto":
+        return "bf16" if bf16_is_fast(device) else "fp32"
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bfloat16; "
+                        "use --precision fp32 or auto")
+    return name
+
+
+def amp_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of a resolved precision; None: plain float32."""
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+def speed_settings(device: torch.device) -> bool:
+    """Whether to run channels_last on the device (1.3x to 1.5x on this CPU; see bench/)."""
+    return True
 
 
 def folded(model: nn.Module) -> nn.Module:
@@ -369,10 +400,11 @@ def folded(model: nn.Module) -> nn.Module:
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, images: Tensor, device: torch.device,
+def predict(model: nn.Module, images: Tensor, device: torch.device, precision: str = "auto",
             batch_size: int = EVAL_BATCH) -> Tensor:
     """Logits (float32, on ``device``) for uint8 images, in eval mode, in batches."""
-    channels_last, amp = speed_settings(device)
+    channels_last = speed_settings(device)
+    amp = amp_dtype(resolve_precision(precision, device))
     model = folded(model)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -386,10 +418,10 @@ def predict(model: nn.Module, images: Tensor, device: torch.device,
     return torch.cat(out)
 
 
-def evaluate(model: nn.Module, images: Tensor, labels: Tensor,
-             device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+def evaluate(model: nn.Module, images: Tensor, labels: Tensor, device: torch.device,
+             precision: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
     """(loss, accuracy, predictions) on a whole split; loss and accuracy stay on the device."""
-    logits = predict(model, images, device)
+    logits = predict(model, images, device, precision)
     labels = labels.to(device)
     predictions = logits.argmax(1)
     return F.cross_entropy(logits, labels), (predictions == labels).float().mean(), predictions
@@ -437,7 +469,7 @@ def prepare(plan: Plan, data: ImageData, tracking_uri: str | None = None) -> Pre
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    channels_last, _ = speed_settings(plan.device)
+    channels_last = speed_settings(plan.device)
     image_shape = tuple(data.train_images.shape[1:])
     net = plan.arch.build(num_classes=len(data.classes), in_channels=image_shape[0],
                           image_size=image_shape[1], **plan.arch_options)
@@ -472,7 +504,7 @@ def train(plan: Plan, data: ImageData, run: Run | None = None,
     device = plan.device
     prepared = prepared if prepared is not None else prepare(plan, data)
     model, probes = prepared.model, prepared.probes
-    channels_last, amp = speed_settings(device)
+    channels_last, amp = speed_settings(device), amp_dtype(cfg.precision)
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum,
                                cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.schedule, cfg.iters))
@@ -527,7 +559,8 @@ def train(plan: Plan, data: ImageData, run: Run | None = None,
 
             evaluated = step % cfg.eval_every == 0 or step == cfg.iters
             if evaluated:
-                test_loss, test_acc, _ = evaluate(model, data.test_images, data.test_labels, device)
+                test_loss, test_acc, _ = evaluate(model, data.test_images, data.test_labels, device,
+                                                   cfg.precision)
                 metrics.add(step, {"test/loss": test_loss, "test/acc": test_acc})
             if evaluated or step % FLUSH_EVERY == 0:
                 latest = metrics.flush()

@@ -92,6 +92,7 @@ def test_a_broken_plugin_is_one_warning_and_the_cli_keeps_working(register_plugi
     (["--aug", "raw,normalize"], ["normalizations", "choose one"]),
     (["--optimizer", "lbfgs"], ["unknown optimizer 'lbfgs'", "sgd, nesterov, adam"]),
     (["--schedule", "sometimes"], ["unknown schedule 'sometimes'", "cosine"]),
+    (["--precision", "fp16"], ["unknown precision 'fp16'", "auto, fp32, bf16"]),
     (["--train-split", "batch7"], ["--train-split 'batch7'", "batch1, all"]),
     (["--device", "tpu"], ["unknown device 'tpu'", "auto, cpu, cuda"]),
     (["--lr", "-1"], ["--lr must be positive"]),

@@ -107,9 +107,32 @@ def test_saved_model_takes_pixels_in_0_1_and_normalizes_itself(data_dir):
     pixels = data.test_images[:8].float() / 255
     by_hand = model.net(model.normalize.forward(pixels))
     assert torch.allclose(model(pixels), by_hand)
-    assert torch.allclose(predict(model, data.test_images[:8], torch.device("cpu")), by_hand,
-                          atol=1e-5)
+    cpu = torch.device("cpu")
+    assert torch.allclose(predict(model, data.test_images[:8], cpu, "fp32"), by_hand, atol=1e-5)
+    # bf16 autocast: the same logits to bf16's 8-bit mantissa
+    assert torch.allclose(predict(model, data.test_images[:8], cpu, "bf16"), by_hand, atol=0.05)
     assert model.classes == data.classes
+
+
+def test_precision_auto_resolves_per_device_and_is_logged(data_dir, monkeypatch):
+    from cifarx import engine
+
+    for fast, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(engine, "bf16_is_fast", lambda device, fast=fast: fast)
+        assert plan(quick(data_dir)).config.precision == expected
+        assert plan(quick(data_dir, precision="fp32")).config.precision == "fp32"
+        assert plan(quick(data_dir, precision="bf16")).config.precision == "bf16"
+    assert plan(quick(data_dir, precision="bf16")).params()["precision"] == "bf16"
+    with pytest.raises(UserError, match="unknown precision 'fp16'; accepted: auto, fp32, bf16"):
+        plan(quick(data_dir, precision="fp16"))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_training_is_deterministic_in_each_precision(data_dir, precision):
+    p = plan(quick(data_dir, iters=6, eval_every=3, precision=precision))
+    first, second = train(p, p.load_data()), train(p, p.load_data())
+    assert first.history == second.history
+    assert all(math.isfinite(v) for _, v in first.history["train/loss"])
 
 
 def test_probes_run_after_backward_and_their_values_are_kept(data_dir, register_plugin):
