@@ -92,11 +92,11 @@ def main():
                                                "schedule")}
     images = args.iters * plan.config.batch_size
     print(f"table1 flip+crop, {args.iters} iterations of 100, eval every 100, {args.threads} "
-          f"threads, precision {plan.config.precision}, {args.repeats} alternating rounds, fastest counts; {hp}", flush=True)
+          f"threads, precision {plan.config.precision}, {args.repeats} alternating rounds, "
+          f"fastest counts; {hp}", flush=True)
 
     store = tempfile.TemporaryDirectory()
     uri = f"sqlite:///{store.name}/mlflow.db"
-    chosen_layout = engine.speed_settings
 
     def baseline():
         result = train_baseline(resolve_data_dir(args.data_dir), args.iters, 100, 100, hp)
@@ -122,11 +122,11 @@ def main():
         return result.seconds, result.test_acc, {}
 
     def nchw():
-        engine.speed_settings = lambda device: False
+        engine.CHANNELS_LAST = False
         try:
             return untracked()
         finally:
-            engine.speed_settings = chosen_layout
+            engine.CHANNELS_LAST = True
 
     variants = {"baseline (DataLoader, 2 workers)": baseline, "cifarx, tracked": tracked,
                 "cifarx, untracked": untracked, "cifarx, untracked, NCHW": nchw}
