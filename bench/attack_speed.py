@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from cifarx import adversarial, engine, tracking
+from cifarx import adversarial, config as cfg, inference, loop, tracking
 from cifarx.data import resolve_device
 from cifarx.registry import catalog
 
@@ -48,25 +48,24 @@ def main():
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
 
-    config = engine.TrainConfig(arch="table1", aug=("flip", "crop"), data_dir=args.data_dir,
-                                iters=args.iters, device=str(device), threads=args.threads)
-    plan = engine.plan(config)
+    config = cfg.TrainConfig(arch="table1", aug=("flip", "crop"), data_dir=args.data_dir,
+                             iters=args.iters, device=str(device), threads=args.threads)
+    plan = cfg.plan(config)
     data = plan.load_data()
     if args.model:
         model = tracking.load_model(args.model, tracking.tracking_uri(args.tracking_uri), device)
         source = args.model
     else:
-        trained, seconds = timed(lambda: engine.train(plan, data))
+        trained, seconds = timed(lambda: loop.train(plan, data))
         model = trained.model.to(memory_format=torch.contiguous_format)
         source = f"table1 trained here, {args.iters} iterations in {seconds:.0f} s, test " \
                  f"accuracy {trained.test_acc:.2%}"
-    model = adversarial.prepare(model.to(device))
+    model = adversarial.for_attack(model.to(device))
 
     chosen = catalog().get("attack", args.attack)
-    options = adversarial.resolve_options(
-        chosen, {"eps": adversarial.parse_fraction(args.eps, "eps")})
+    options = cfg.resolve_plugin_options("attack", chosen, [f"eps={args.eps}"])
     attack = chosen.build(model, **options)
-    predicted = adversarial.logits_of(model, data.test_images, device).argmax(1)
+    predicted = inference.predict(model, data.test_images, device).cpu().argmax(1)
     indices = adversarial.choose(predicted, data.test_labels, data.classes,
                                  ("count", args.images), args.seed)
     images, labels = data.test_images[indices], data.test_labels[indices]

@@ -18,7 +18,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from cifarx.engine import lr_factor, make_optimizer
+from cifarx.optim import lr_factor, make_optimizer
 from cifarx.plugins.architectures import build_table1
 
 

@@ -18,13 +18,14 @@ from dataclasses import replace
 
 import torch
 
-from cifarx import engine, tracking
+from cifarx import config as cfg, loop, runs
+from cifarx.registry import catalog
 
 
-def timed(plan: engine.Plan, data, uri: str, name: str) -> float:
+def timed(plan: cfg.Plan, data, uri: str, name: str) -> float:
     """Seconds per iteration of one tracked run."""
-    with tracking.start_run(uri, "bench", name, engine.run_tags(plan)) as run:
-        result = engine.train(plan, data, run)
+    job = runs.TrainJob(plan, data, loop.assemble(plan, data), catalog())
+    result = runs.train_run(job, runs.Tracking(uri, "bench", name)).result
     return result.seconds / plan.config.iters
 
 
@@ -39,11 +40,10 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    base = engine.TrainConfig(arch=args.arch, data_dir=args.data_dir, iters=args.iters,
-                              eval_every=args.iters, device="cpu", threads=args.threads)
-    plans = {"no probe": engine.plan(base),
-             f"--probe {args.probe}": engine.plan(replace(base,
-                                                          probes=engine.parse_list(args.probe)))}
+    base = cfg.TrainConfig(arch=args.arch, data_dir=args.data_dir, iters=args.iters,
+                           eval_every=args.iters, device="cpu", threads=args.threads)
+    plans = {"no probe": cfg.plan(base),
+             f"--probe {args.probe}": cfg.plan(replace(base, probes=cfg.parse_list(args.probe)))}
     data = plans["no probe"].load_data()
     print(f"{args.arch}, flip+crop, {args.iters} iterations of 100, {args.threads} threads, "
           f"{args.repeats} alternating repeats, fastest counts", flush=True)

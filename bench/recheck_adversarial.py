@@ -15,7 +15,7 @@ import argparse
 import torch
 
 from cifarx import tracking
-from cifarx.adversarial import load_set
+from cifarx.transfer import load_set
 
 
 def main():

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from cifarx import engine, tracking
+from cifarx import config as cfg, runs
 
 CANDIDATES = [
     dict(optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4, schedule="none"),
@@ -44,28 +44,24 @@ def main():
     parser.add_argument("--aug", default="flip,crop")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--threads", type=int)
-    parser.add_argument("--precision", default="auto", choices=engine.PRECISIONS)
+    parser.add_argument("--precision", default="auto", choices=cfg.PRECISIONS)
     parser.add_argument("--only", help="comma list of candidate numbers (1-based) to run")
     parser.add_argument("--tracking-uri")
     args = parser.parse_args()
 
     chosen = [int(i) for i in args.only.split(",")] if args.only else range(1, len(CANDIDATES) + 1)
     seeds = [int(s) for s in args.seeds.split(",")]
-    uri = tracking.tracking_uri(args.tracking_uri)
-    data = None
     results = []
     for number in chosen:
         hp = CANDIDATES[number - 1]
         accs = []
         for seed in seeds:
-            config = engine.TrainConfig(arch=args.arch, aug=engine.parse_list(args.aug),
-                                        data_dir=args.data_dir, seed=seed, threads=args.threads,
-                                        precision=args.precision, **hp)
-            plan = engine.plan(config)
-            data = data or plan.load_data()
+            config = cfg.TrainConfig(arch=args.arch, aug=cfg.parse_list(args.aug),
+                                     data_dir=args.data_dir, seed=seed, threads=args.threads,
+                                     precision=args.precision, **hp)
             name = f"#{number} " + " ".join(f"{k}={v}" for k, v in hp.items()) + f" seed={seed}"
-            with tracking.start_run(uri, "defaults-sweep", name, engine.run_tags(plan)) as run:
-                result = engine.train(plan, data, run)
+            result = runs.train_run(config, runs.Tracking(args.tracking_uri, "defaults-sweep",
+                                                          name)).result
             accs.append(result.test_acc)
             print(f"{name}: {result.test_acc:.2%} ({result.seconds:.0f} s)", flush=True)
         results.append((statistics.mean(accs), number, hp, accs))

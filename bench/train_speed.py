@@ -16,7 +16,7 @@ the MLflow run and logging the model included, is reported too.
 
 On a shared 2-core machine the tracked and untracked loops differ by a few percent from one
 round to the next either way, more than tracking itself costs; so the bench also replays the
-tracked run's metrics alone, in the same batches the engine sends, into a fresh store, and
+tracked run's metrics alone, in the same batches the training loop sends, into a fresh store, and
 reports that work (wall and CPU time, MLflow's writer thread included) against the loop.
 
     python bench/train_speed.py [--data-dir DIR] [--iters 2000] [--repeats 2] [--threads N]
@@ -25,6 +25,7 @@ reports that work (wall and CPU time, MLflow's writer thread included) against t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import tempfile
@@ -32,8 +33,9 @@ import time
 
 import torch
 
-from cifarx import engine, tracking
+from cifarx import config as cfg, inference, loop, runs, tracking
 from cifarx.data import resolve_data_dir
+from cifarx.registry import catalog
 
 from baseline import train_baseline
 
@@ -56,8 +58,28 @@ def timed_run(run: tracking.Run) -> list[float]:
     return spent
 
 
+@contextlib.contextmanager
+def instrumented_runs(marks: dict):
+    """While active, the runs :func:`cifarx.runs.train_run` opens record in ``marks`` when they
+    are open (``opened``) and the time their logging methods take (``spent``, see timed_run)."""
+    def start_run(*args, **kwargs):
+        @contextlib.contextmanager
+        def opened():
+            with tracking.start_run(*args, **kwargs) as run:
+                marks["opened"] = time.perf_counter()
+                marks["spent"] = timed_run(run)
+                yield run
+        return opened()
+
+    original, runs.start_run = runs.start_run, start_run
+    try:
+        yield marks
+    finally:
+        runs.start_run = original
+
+
 def replay_cost(history: dict[str, list[tuple[int, float]]], uri: str) -> tuple[float, float]:
-    """(wall, CPU) seconds to log ``history`` again as the engine does: a batch every
+    """(wall, CPU) seconds to log ``history`` again as the training loop does: a batch every
     FLUSH_EVERY steps, queued to MLflow's writer thread, then waiting for it."""
     by_step: dict[int, list[tuple[str, float]]] = {}
     for key, values in history.items():
@@ -67,8 +89,8 @@ def replay_cost(history: dict[str, list[tuple[int, float]]], uri: str) -> tuple[
     with tracking.start_run(uri, "bench", "replayed metrics", {}) as run:
         wall, cpu = time.perf_counter(), time.process_time()
         now = int(time.time() * 1000)
-        for end in range(engine.FLUSH_EVERY, last + engine.FLUSH_EVERY, engine.FLUSH_EVERY):
-            run.log_points([(key, value, step, now) for step in range(end - engine.FLUSH_EVERY + 1,
+        for end in range(loop.FLUSH_EVERY, last + loop.FLUSH_EVERY, loop.FLUSH_EVERY):
+            run.log_points([(key, value, step, now) for step in range(end - loop.FLUSH_EVERY + 1,
                                                                       min(end, last) + 1)
                             for key, value in by_step.get(step, ())])
         run.wait()
@@ -84,9 +106,9 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    config = engine.TrainConfig(arch="table1", aug=("flip", "crop"), data_dir=args.data_dir,
-                                iters=args.iters, device="cpu", threads=args.threads)
-    plan = engine.plan(config)
+    config = cfg.TrainConfig(arch="table1", aug=("flip", "crop"), data_dir=args.data_dir,
+                             iters=args.iters, device="cpu", threads=args.threads)
+    plan = cfg.plan(config)
     data = plan.load_data()
     hp = {k: getattr(plan.config, k) for k in ("optimizer", "lr", "momentum", "weight_decay",
                                                "schedule")}
@@ -104,29 +126,30 @@ def main():
 
     def tracked():
         start = time.perf_counter()
-        with tracking.start_run(uri, "bench", "cifarx tracked", engine.run_tags(plan)) as run:
-            opened = time.perf_counter()
-            spent = timed_run(run)
-            result = engine.train(plan, data, run)
+        job = runs.TrainJob(plan, data, loop.assemble(plan, data), catalog())
+        built = time.perf_counter()
+        with instrumented_runs({}) as marks:
+            result = runs.train_run(job, runs.Tracking(uri, "bench", "cifarx tracked")).result
         end_to_end = time.perf_counter() - start
-        return result.seconds, result.test_acc, {"end_to_end": end_to_end, "mlflow": spent[0],
-                                                 "opening": opened - start,
+        return result.seconds, result.test_acc, {"end_to_end": end_to_end,
+                                                 "mlflow": marks["spent"][0],
+                                                 "opening": marks["opened"] - built,
                                                  "history": result.history}
 
     def untracked():
-        result = engine.train(plan, data)
+        result = loop.train(plan, data)
         return result.seconds, result.test_acc, {}
 
     def fp32():
-        result = engine.train(engine.plan(dataclasses.replace(config, precision="fp32")), data)
+        result = loop.train(cfg.plan(dataclasses.replace(config, precision="fp32")), data)
         return result.seconds, result.test_acc, {}
 
     def nchw():
-        engine.CHANNELS_LAST = False
+        inference.CHANNELS_LAST = False
         try:
             return untracked()
         finally:
-            engine.CHANNELS_LAST = True
+            inference.CHANNELS_LAST = True
 
     variants = {"baseline (DataLoader, 2 workers)": baseline, "cifarx, tracked": tracked,
                 "cifarx, untracked": untracked, "cifarx, untracked, NCHW": nchw}

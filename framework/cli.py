@@ -1,4 +1,9 @@
-"""The ``cifarx`` command: parse options, look up plugins, call the engine, report."""
+"""The ``cifarx`` command: parse the options, call :mod:`cifarx.runs`, print.
+
+Imports here stay light (no torch, mlflow or matplotlib at module level): ``cifarx --help``
+and ``cifarx <command> --help`` answer in a fraction of a second. Each command imports what
+it runs.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +16,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from . import __version__, engine, tracking
-from .console import TrainingProgress, duration, err, out, ui_hint
+from . import __version__
+from .config import ADV_RATIO, TrainConfig, parse_list
 from .errors import Diverged, UserError
-from .registry import Catalog, catalog as load_catalog
+from .optim import DEFAULTS, OPTIMIZERS, SCHEDULES
+from .tracking import DEFAULT_EXPERIMENT
 
 app = typer.Typer(
     name="cifarx", no_args_is_help=True, add_completion=False,
@@ -42,8 +48,10 @@ def command(fn):
     return app.command()(run)
 
 
-def plugins_catalog() -> Catalog:
-    found = load_catalog()
+def plugins_catalog():
+    from .registry import catalog
+
+    found = catalog()
     for problem in found.problems:
         typer.echo(f"cifarx: warning: {problem}", err=True)
     return found
@@ -61,6 +69,28 @@ def main_options(
                                           help="Print the version and exit.")] = False,
 ):
     pass
+
+
+def _threads(threads: int | None):
+    if threads is not None:
+        if threads < 1:
+            raise UserError(f"--threads must be at least 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _tracking(tracking_uri, experiment, run_name):
+    from .runs import Tracking
+
+    return Tracking(tracking_uri, experiment, run_name)
+
+
+def _open_hint(uri: str | None, experiment_id: str, run_id: str):
+    from .console import out, ui_hint
+    from .tracking import tracking_uri
+
+    out.print(ui_hint(tracking_uri(uri), experiment_id, run_id), highlight=False, soft_wrap=True)
 
 
 # Options shared by the commands that run something.
@@ -82,62 +112,69 @@ DatasetName = Annotated[str, typer.Option("--dataset", help="Dataset plugin.")]
 Threads = Annotated[Optional[int], typer.Option(help="CPU threads (default: torch's choice).",
                                                 show_default=False)]
 
+
+def opt_flag(kind: str, shape: str) -> object:
+    """A repeatable option flag (``--arch-opt NAME=VALUE``): one help text for every kind."""
+    return Annotated[Optional[list[str]], typer.Option(
+        help=f"{kind.capitalize()} option {shape}, repeatable (`cifarx describe {kind} NAME` "
+             "lists a plugin's options).", show_default=False)]
+
+
+ArchOpt = opt_flag("architecture", "NAME=VALUE")
+AugOpt = opt_flag("augmentation", "PLUGIN.NAME=VALUE")
+ProbeOpt = opt_flag("probe", "PLUGIN.NAME=VALUE")
+AttackOpt = opt_flag("attack", "NAME=VALUE")
+DatasetOpt = opt_flag("dataset", "NAME=VALUE")
 PER_ARCH = "(default: the architecture's, else {})"
-ArchOpt = Annotated[Optional[list[str]], typer.Option(
-    help="Architecture option name=value, repeatable: activation=relu|relu6|leaky_relu|elu|silu, "
-         "init=default|he|xavier for the built-in conv nets (`cifarx describe ARCH` lists an "
-         "architecture's).", show_default=False)]
+MODEL_HELP = "runs:/<run id>/model, models:/<name>/<version>, or a local MLflow model folder."
 
 
 @command
 def train(
     arch: Annotated[str, typer.Option(help="Architecture plugin (see `cifarx plugins`).")] = "table1",
     aug: Annotated[str, typer.Option(
-        help="Comma list of augmentation plugins. flip and crop imply normalize unless raw "
-             "is named; the plugins fix the order.")] = "flip,crop",
+        help="Comma list of augmentation plugins; normalize is implied unless another "
+             "normalization (raw) is named; the plugins' stages fix the order.")] = "flip,crop",
+    aug_opt: AugOpt = None,
     dataset: DatasetName = "cifar10",
-    train_split: Annotated[str, typer.Option(
-        help="Training images: batch1 (train batch #1, 10,000) or all (50,000).")] = "batch1",
+    dataset_opt: DatasetOpt = None,
+    train_split: Annotated[Optional[str], typer.Option(
+        help="Training images: one of the dataset's splits (default: its first; cifar10: "
+             "batch1, the 10,000 of train batch #1, or all, 50,000).", show_default=False)] = None,
     data_dir: DataDir = None,
     iters: Annotated[int, typer.Option(help="Training iterations.")] = 2000,
     batch_size: Annotated[int, typer.Option(help="Images per iteration.")] = 100,
     eval_every: Annotated[int, typer.Option(
         help="Evaluate on the test set every N iterations (an 'epoch').")] = 100,
     optimizer: Annotated[Optional[str], typer.Option(
-        help=f"{', '.join(engine.OPTIMIZERS)} " + PER_ARCH.format(engine.DEFAULTS['optimizer']),
+        help=f"{', '.join(OPTIMIZERS)} " + PER_ARCH.format(DEFAULTS['optimizer']),
         show_default=False)] = None,
     lr: Annotated[Optional[float], typer.Option(
-        help="Peak learning rate " + PER_ARCH.format(engine.DEFAULTS['lr']),
-        show_default=False)] = None,
+        help="Peak learning rate " + PER_ARCH.format(DEFAULTS['lr']), show_default=False)] = None,
     momentum: Annotated[Optional[float], typer.Option(
-        help="Momentum (sgd, nesterov, rmsprop) " + PER_ARCH.format(engine.DEFAULTS['momentum']),
+        help="Momentum (sgd, nesterov, rmsprop) " + PER_ARCH.format(DEFAULTS['momentum']),
         show_default=False)] = None,
     weight_decay: Annotated[Optional[float], typer.Option(
-        help="L2 weight decay " + PER_ARCH.format(engine.DEFAULTS['weight_decay']),
+        help="L2 weight decay " + PER_ARCH.format(DEFAULTS['weight_decay']),
         show_default=False)] = None,
     schedule: Annotated[Optional[str], typer.Option(
-        help=f"Learning-rate schedule: {', '.join(engine.SCHEDULES)} "
-             + PER_ARCH.format(engine.DEFAULTS['schedule']), show_default=False)] = None,
+        help=f"Learning-rate schedule: {', '.join(SCHEDULES)} "
+             + PER_ARCH.format(DEFAULTS['schedule']), show_default=False)] = None,
     arch_opt: ArchOpt = None,
     pretrained: Annotated[bool, typer.Option(
         "--pretrained", help="Start from pretrained weights (timm:<model>; inputs resized to "
         "the weights' size); same as --arch-opt pretrained=true.")] = False,
     probe: Annotated[str, typer.Option(
         help="Comma list of probe plugins to record: grad-max, grad-norm, ...")] = "",
-    probe_opt: Annotated[Optional[list[str]], typer.Option(
-        help="Probe option probe.name=value, repeatable: grad-max.first=<layer>, "
-             "grad-max.last=<layer>, grad-norm.stride=<iterations>.", show_default=False)] = None,
+    probe_opt: ProbeOpt = None,
     adv_train: Annotated[Optional[str], typer.Option(
         help="Adversarial training: an attack plugin (fgsm, pgd, ...) that makes, at each "
              "iteration, adversarial versions of part of the batch from the current model; "
              "they replace those images, with their true labels.", show_default=False)] = None,
     adv_ratio: Annotated[Optional[float], typer.Option(
         help=f"With --adv-train: the fraction of each batch replaced, in (0, 1] (default "
-             f"{engine.ADV_RATIO}).", show_default=False)] = None,
-    attack_opt: Annotated[Optional[list[str]], typer.Option(
-        help="With --adv-train: an option of the attack, name=value, repeatable: eps=8/255, "
-             "steps=3, alpha=2/255, ... (default: the attack's; see `cifarx attack --help`).",
-        show_default=False)] = None,
+             f"{ADV_RATIO}).", show_default=False)] = None,
+    attack_opt: AttackOpt = None,
     adv_data: Annotated[Optional[list[str]], typer.Option(
         help="Run id of a `cifarx attack` run (or a set.pt file) whose adversarial images join "
              "the training data with their true labels; repeatable, or a comma list.",
@@ -146,45 +183,39 @@ def train(
     device: Device = "auto",
     precision: Precision = "auto",
     threads: Threads = None,
-    experiment: Experiment = tracking.DEFAULT_EXPERIMENT,
+    experiment: Experiment = DEFAULT_EXPERIMENT,
     run_name: RunName = None,
     tracking_uri: TrackingUri = None,
 ):
     """Train an architecture and log the run, its curves and the model to MLflow."""
-    config = engine.TrainConfig(
-        arch=arch, aug=engine.parse_list(aug), dataset=dataset, train_split=train_split,
+    from . import runs
+    from .console import TrainingProgress, duration, err, out
+
+    config = TrainConfig(
+        arch=arch, aug=parse_list(aug), dataset=dataset, train_split=train_split,
         data_dir=str(data_dir) if data_dir else None, iters=iters, batch_size=batch_size,
         eval_every=eval_every, optimizer=optimizer, lr=lr, momentum=momentum,
-        weight_decay=weight_decay, schedule=schedule, seed=seed, device=device, precision=precision,
-        threads=threads,
-        probes=engine.parse_list(probe), arch_options=with_pretrained(arch_opt or [], pretrained),
-        probe_options=tuple(probe_opt or ()), adv_train=adv_train, adv_ratio=adv_ratio,
-        attack_options=tuple(attack_opt or ()),
-        adv_data=engine.parse_list(",".join(adv_data or [])))
-    plan = engine.plan(config, plugins_catalog())
-    data = plan.load_data()
-    uri = tracking.tracking_uri(tracking_uri)
-    # A bad weights file, layer name, attack option or --adv-data run opens no run.
-    prepared = engine.prepare(plan, data, uri)
-    label = f"{plan.config.arch} ({','.join(plan.pipeline.names)})"
-    if plan.attack is not None:
-        label += f" adv {plan.attack.name} {plan.config.adv_ratio:g}"
-    if prepared.adv_images is not None:
-        label += f" +{len(prepared.adv_images):,} adv"
-        err.print(f"cifarx: warning: --adv-data: its {len(prepared.adv_images):,} images are "
-                  f"adversarial versions of {prepared.adv_test_images:,} test images; the test "
-                  "accuracy counts their originals", highlight=False, soft_wrap=True)
-    with tracking.start_run(uri, experiment, run_name or label, engine.run_tags(plan)) as run:
-        with TrainingProgress(plan.config.iters, plan.config.batch_size, label) as progress:
-            result = engine.train(plan, data, run, on_update=progress.update, prepared=prepared)
-        experiment_id = run.experiment_id
-    out.print(f"[bold]{label}[/]: final test accuracy [bold green]{result.test_acc:.2%}[/] "
-              f"(loss {result.test_loss:.3f}) after {plan.config.iters} iterations in "
-              f"{duration(result.seconds)}, {result.images_per_second:,.0f} img/s on {plan.device} "
-              f"({plan.config.precision})",
-              soft_wrap=True)
-    out.print(f"run {run.id}  model {result.model_uri}", highlight=False, soft_wrap=True)
-    out.print(ui_hint(uri, experiment_id, run.id), highlight=False, soft_wrap=True)
+        weight_decay=weight_decay, schedule=schedule, seed=seed, device=device,
+        precision=precision, threads=threads, probes=parse_list(probe),
+        arch_options=with_pretrained(arch_opt or [], pretrained),
+        aug_options=tuple(aug_opt or ()), probe_options=tuple(probe_opt or ()),
+        dataset_options=tuple(dataset_opt or ()), adv_train=adv_train, adv_ratio=adv_ratio,
+        attack_options=tuple(attack_opt or ()), adv_data=parse_list(",".join(adv_data or [])))
+    # Every check, the data and the model first: bad input opens no run.
+    job = runs.prepare_training(config, plugins_catalog(), tracking_uri)
+    for warning in job.warnings():
+        err.print(f"cifarx: warning: {warning}", highlight=False, soft_wrap=True)
+    cfg = job.plan.config
+    with TrainingProgress(cfg.iters, cfg.batch_size, job.label) as progress:
+        done = runs.train_run(job, _tracking(tracking_uri, experiment, run_name),
+                              [progress.update])
+    result = done.result
+    out.print(f"[bold]{job.label}[/]: final test accuracy [bold green]{result.test_acc:.2%}[/] "
+              f"(loss {result.test_loss:.3f}) after {cfg.iters} iterations in "
+              f"{duration(result.seconds)}, {result.images_per_second:,.0f} img/s on "
+              f"{job.plan.device} ({cfg.precision})", soft_wrap=True)
+    out.print(f"run {done.run_id}  model {done.model_uri}", highlight=False, soft_wrap=True)
+    _open_hint(tracking_uri, done.experiment_id, done.run_id)
 
 
 def with_pretrained(arch_opt: list[str], pretrained: bool) -> tuple[str, ...]:
@@ -195,35 +226,31 @@ def with_pretrained(arch_opt: list[str], pretrained: bool) -> tuple[str, ...]:
 
 @command
 def evaluate(
-    model: Annotated[str, typer.Option(
-        help="runs:/<run id>/model, models:/<name>/<version>, or a local MLflow model folder.")],
+    model: Annotated[str, typer.Option(help=MODEL_HELP)],
     dataset: DatasetName = "cifar10",
+    dataset_opt: DatasetOpt = None,
     data_dir: DataDir = None,
     device: Device = "auto",
-    experiment: Experiment = tracking.DEFAULT_EXPERIMENT,
+    precision: Precision = "auto",
+    threads: Threads = None,
+    experiment: Experiment = DEFAULT_EXPERIMENT,
     run_name: RunName = None,
     tracking_uri: TrackingUri = None,
 ):
     """Test accuracy, per-class accuracy and a confusion matrix, logged as a run."""
-    from .data import resolve_data_dir, resolve_device
-    from .evaluation import evaluate_model
+    from . import runs
+    from .console import out
 
-    found = plugins_catalog().get("dataset", dataset)
-    target = resolve_device(device)
-    uri = tracking.tracking_uri(tracking_uri)
-    net = tracking.load_model(model, uri, target)
-    data = found.load(resolve_data_dir(data_dir), found.splits[0])
-    tags = {"cifarx.model_uri": model, "cifarx.dataset": found.name, "cifarx.device": str(target)}
-    source = tracking.source_run_id(model)
-    if source:
-        tags["cifarx.source_run"] = source
-    with tracking.start_run(uri, experiment, run_name or f"evaluate {model}", tags) as run:
-        report = evaluate_model(net, data, target, run)
-        experiment_id = run.experiment_id
+    _threads(threads)
+    config = runs.EvaluateConfig(model, dataset, str(data_dir) if data_dir else None,
+                                 tuple(dataset_opt or ()), device, precision)
+    done = runs.evaluate_run(config, _tracking(tracking_uri, experiment, run_name),
+                             plugins_catalog())
+    report = done.report
     out.print(report.table())
     out.print(f"test accuracy [bold green]{report.accuracy:.2%}[/] (loss {report.loss:.3f}); "
-              f"run {run.id}", highlight=False, soft_wrap=True)
-    out.print(ui_hint(uri, experiment_id, run.id), highlight=False, soft_wrap=True)
+              f"run {done.run_id}", highlight=False, soft_wrap=True)
+    _open_hint(tracking_uri, done.experiment_id, done.run_id)
 
 
 @command
@@ -231,10 +258,13 @@ def plugins(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ):
     """List the installed plugins: name, kind, package, version, summary."""
+    from rich.markup import escape
     from rich.table import Table
 
+    from .console import out
+
     found = plugins_catalog()
-    clashes = {key for key in found.clashes()}
+    clashes = set(found.clashes())
     rows = [dict(name=e.name, kind=e.kind, package=e.package, version=e.version,
                  summary=e.summary, clash=(e.kind, e.name) in clashes)
             for e in sorted(found.entries, key=lambda e: (e.kind, e.name, e.package))]
@@ -247,39 +277,83 @@ def plugins(
         table.add_row(name, row["kind"], row["package"], row["version"], row["summary"])
     out.print(table)
     if clashes:
-        out.print("[red]names in red are registered by more than one package; using them is an "
-                  "error until one is uninstalled or CIFARX_LOAD_PLUGINS picks one[/]")
+        out.print("[red]names in red are registered by more than one package; using them is "
+                  "an error:[/]")
+        for kind, name in sorted(clashes):
+            out.print(f"[red]  {escape(found.clash_advice(kind, name))}[/]", highlight=False,
+                      soft_wrap=True)
 
 
 @command
 def describe(
-    arch: Annotated[str, typer.Argument(help="Architecture plugin name.")],
-    image_size: Annotated[int, typer.Option(help="Input height and width.")] = 32,
-    channels: Annotated[int, typer.Option(help="Input channels.")] = 3,
-    num_classes: Annotated[int, typer.Option(help="Output classes.")] = 10,
+    first: Annotated[str, typer.Argument(
+        metavar="[KIND] NAME", help="A plugin: KIND NAME (architecture, augmentation, dataset, "
+        "probe, attack), or an architecture's NAME alone.")],
+    name: Annotated[Optional[str], typer.Argument(hidden=True)] = None,
+    dataset: Annotated[str, typer.Option(
+        help="Architectures: the dataset whose image shape and classes to build for.")] = "cifar10",
+    image_size: Annotated[Optional[int], typer.Option(
+        help="Architectures: input height and width (default: the dataset's).",
+        show_default=False)] = None,
+    channels: Annotated[Optional[int], typer.Option(
+        help="Architectures: input channels (default: the dataset's).", show_default=False)] = None,
+    num_classes: Annotated[Optional[int], typer.Option(
+        help="Architectures: output classes (default: the dataset's).", show_default=False)] = None,
     arch_opt: ArchOpt = None,
 ):
-    """Print an architecture's layers with output shapes and parameter counts."""
+    """A plugin's summary and options; for an architecture, its layers, output shapes and
+    parameters too."""
     from rich.table import Table
 
+    from .config import resolve_plugin_options
+    from .console import out
+    from .options import describe as option_rows
+    from .plugin_types import KINDS
+
+    kind, plugin_name = ("architecture", first) if name is None else (first, name)
+    if kind not in KINDS:
+        raise UserError(f"unknown plugin kind {kind!r}; accepted: {', '.join(KINDS)}")
+    found = plugins_catalog()
+    plugin = found.get(kind, plugin_name)
+    if kind == "architecture":
+        describe_architecture(found, plugin, dataset, image_size, channels, num_classes,
+                              resolve_plugin_options(kind, plugin, arch_opt or []))
+    else:
+        stage = f" (stage {plugin.stage})" if kind == "augmentation" else ""
+        out.print(f"[bold]{kind} {plugin.name}[/]{stage}: {plugin.summary}", soft_wrap=True)
+    if plugin.options:
+        from .config import OPTION_FLAGS
+
+        flag = OPTION_FLAGS[kind][0]
+        shape = "NAME=VALUE" if kind in ("architecture", "attack", "dataset") else \
+            f"{plugin.name}.NAME=VALUE"
+        table = Table("option", "default", "accepted", "help", title=f"{flag} {shape}")
+        for row in option_rows(plugin.options):
+            table.add_row(*row)
+        out.print(table)
+    else:
+        out.print(f"{plugin.name} takes no options")
+
+
+def describe_architecture(found, arch, dataset, image_size, channels, num_classes, values):
+    from rich.table import Table
+
+    from .console import out
+    from .loop import plugin_call
     from .model import describe as layer_rows
 
-    found = plugins_catalog().get("architecture", arch)
-    net = found.build(num_classes=num_classes, in_channels=channels, image_size=image_size,
-                      **engine.arch_options(found, arch_opt or []))
-    rows = layer_rows(net, (channels, image_size, image_size))
+    data = found.get("dataset", dataset)
+    channels = channels or data.image_shape[0]
+    size = image_size or data.image_shape[1]
+    classes = num_classes or data.num_classes
+    net = plugin_call("architecture", None, values, functools.partial(
+        arch.build, num_classes=classes, in_channels=channels, image_size=size))
     table = Table("layer", "type", "output shape", "params",
-                  title=f"{found.name}: {found.summary}", caption=f"input {channels}x{image_size}"
-                  f"x{image_size}; total parameters {sum(p.numel() for p in net.parameters()):,}")
-    for row in rows:
+                  title=f"{arch.name}: {arch.summary}", caption=f"input {channels}x{size}x{size}; "
+                  f"total parameters {sum(p.numel() for p in net.parameters()):,}")
+    for row in layer_rows(net, (channels, size, size)):
         table.add_row(row.name, row.kind, " x ".join(map(str, row.output_shape)), f"{row.params:,}")
     out.print(table)
-    if found.options:
-        accepted = "; ".join(
-            f"{name}={values[0]} (or {', '.join(values[1:])})" if isinstance(values, tuple)
-            else f"{name}=<text>" + (f" (default {values})" if values else "")
-            for name, values in found.options.items())
-        out.print(f"--arch-opt: {accepted}", highlight=False, soft_wrap=True)
 
 
 @command
@@ -288,7 +362,10 @@ def ui(
     tracking_uri: TrackingUri = None,
 ):
     """Start the MLflow UI on the same store, bound to 127.0.0.1."""
-    uri = tracking.tracking_uri(tracking_uri)
+    from .console import err
+    from .tracking import tracking_uri as resolve_uri
+
+    uri = resolve_uri(tracking_uri)
     err.print(f"MLflow UI for {uri} at http://127.0.0.1:{port} (Ctrl-C stops it)", highlight=False)
     # The server's background job runners serve MLflow's GenAI features, not these runs: off
     # unless asked for, as they cost eight processes.
@@ -297,16 +374,10 @@ def ui(
                                "--host", "127.0.0.1", "--port", str(port)], env)
 
 
-MODEL_HELP = "runs:/<run id>/model, models:/<name>/<version>, or a local MLflow model folder."
-
-
-def _threads(threads: int | None):
-    if threads is not None:
-        if threads < 1:
-            raise UserError(f"--threads must be at least 1, got {threads}")
-        import torch
-
-        torch.set_num_threads(threads)
+# `cifarx attack`'s own flags for the built-in attacks' common options; each is the same as
+# --attack-opt NAME=VALUE, and an attack that lacks the option says so.
+ATTACK_FLAGS = {"eps": "--eps", "confidence": "--confidence", "alpha": "--alpha",
+                "steps": "--steps", "max_steps": "--max-steps", "target": "--target"}
 
 
 @command
@@ -316,25 +387,22 @@ def attack(
         "--attack", help="Attack plugin: ifgsm, fgsm, pgd, fool-noise, ... (`cifarx plugins`).")
     ] = "ifgsm",
     eps: Annotated[Optional[str], typer.Option(
-        help="Step size (ifgsm 1/255, fool-noise 1/255) or L-inf radius (fgsm, pgd 8/255), in "
-             "(0, 1]: 1/255 or 0.0039 (default: the attack's).", show_default=False)] = None,
+        help="Step size (ifgsm, fool-noise) or L-inf radius (fgsm, pgd), in (0, 1]: 1/255 or "
+             "0.0039 (default: the attack's).", show_default=False)] = None,
     confidence: Annotated[Optional[str], typer.Option(
-        help="ifgsm, fool-noise: stop when a wrong class (or the target) has this probability, "
-             "in (0, 1) (default 0.99).", show_default=False)] = None,
-    max_steps: Annotated[Optional[int], typer.Option(
-        help="ifgsm, fool-noise: steps after which an image counts as failed "
-             "(default: 200, 500).", show_default=False)] = None,
+        help="Stop when a wrong class (or the target) has this probability (ifgsm, "
+             "fool-noise).", show_default=False)] = None,
+    max_steps: Annotated[Optional[str], typer.Option(
+        help="Steps after which an image counts as failed (ifgsm, fool-noise).",
+        show_default=False)] = None,
     alpha: Annotated[Optional[str], typer.Option(
-        help="pgd: step size, in (0, 1] (default 2/255).", show_default=False)] = None,
-    steps: Annotated[Optional[int], typer.Option(
-        help="pgd: number of steps (default 10).", show_default=False)] = None,
+        help="Step size (pgd).", show_default=False)] = None,
+    steps: Annotated[Optional[str], typer.Option(
+        help="Number of steps (pgd).", show_default=False)] = None,
     target: Annotated[Optional[str], typer.Option(
-        help="Targeted (ifgsm, pgd, fool-noise): a class index or name, or next (the class "
-             "after the true one) (default: untargeted; fool-noise: each image's class).",
-        show_default=False)] = None,
-    attack_opt: Annotated[Optional[list[str]], typer.Option(
-        help="Any other option of the attack plugin, name=value; repeatable.",
-        show_default=False)] = None,
+        help="Targeted: a class index or name, or next (the class after the true one) "
+             "(default: untargeted).", show_default=False)] = None,
+    attack_opt: AttackOpt = None,
     per_class: Annotated[Optional[int], typer.Option(
         help="Attack this many correctly classified test images of each class (default: 2 "
              "unless --count or --all-test).", show_default=False)] = None,
@@ -345,51 +413,49 @@ def attack(
         "--all-test", help="Attack every correctly classified test image.")] = False,
     batch_size: Annotated[int, typer.Option(help="Images attacked at once.")] = 500,
     dataset: DatasetName = "cifar10",
+    dataset_opt: DatasetOpt = None,
     data_dir: DataDir = None,
     device: Device = "auto",
     seed: Seed = 0,
     threads: Threads = None,
-    experiment: Experiment = tracking.DEFAULT_EXPERIMENT,
+    experiment: Experiment = DEFAULT_EXPERIMENT,
     run_name: RunName = None,
     tracking_uri: TrackingUri = None,
 ):
     """Adversarial images for test images a model gets right; a run linked to the model's run."""
-    from . import adversarial
-    from .data import resolve_data_dir, resolve_device
+    from . import runs
+    from .adversarial import SET_ARTIFACT, TABLE_IMAGES
+    from .console import duration, err, image_table, out
 
-    found = plugins_catalog()
-    chosen = found.get("attack", attack_name)
-    data_plugin = found.get("dataset", dataset)
-    given = adversarial.parse_pairs(attack_opt or [])
-    for name, text in (("eps", eps), ("confidence", confidence), ("alpha", alpha)):
-        if text is not None:
-            given[name] = adversarial.parse_fraction(text, name)
-    given.update({name: value for name, value in (("max_steps", max_steps), ("steps", steps),
-                                                  ("target", target)) if value is not None})
-    how = adversarial.selection(per_class, count, all_test)
+    given = {"eps": eps, "confidence": confidence, "max_steps": max_steps, "alpha": alpha,
+             "steps": steps, "target": target}
+    texts = tuple(f"{name}={value}" for name, value in given.items() if value is not None)
     _threads(threads)
-    target_device = resolve_device(device)
+    config = runs.AttackConfig(
+        model=model, attack=attack_name, attack_options=texts + tuple(attack_opt or ()),
+        option_flags={n: ATTACK_FLAGS[n] for n, v in given.items() if v is not None},
+        per_class=per_class, count=count, all_test=all_test, batch_size=batch_size,
+        dataset=dataset, data_dir=str(data_dir) if data_dir else None,
+        dataset_options=tuple(dataset_opt or ()), device=device, seed=seed)
 
-    def started(n: int):
-        err.print(f"{chosen.name}: attacking {n:,} images on {target_device}", highlight=False)
+    def started(n: int, on):
+        err.print(f"{attack_name}: attacking {n:,} images on {on}", highlight=False)
 
-    done = adversarial.attack_command(
-        model, chosen, data_plugin, resolve_data_dir(data_dir), given, how, batch_size,
-        target_device, seed, tracking.tracking_uri(tracking_uri), experiment, run_name, started)
+    done = runs.attack_run(config, _tracking(tracking_uri, experiment, run_name),
+                           plugins_catalog(), started)
     m, adv_set = done.metrics, done.adv_set
-    if len(adv_set["labels"]) <= adversarial.TABLE_IMAGES:
-        out.print(adversarial.image_table(adv_set))
-    out.print(f"[bold]{chosen.name}[/]: goal reached on [bold green]{m['attack/success_rate']:.1%}"
-              f"[/] of {int(m['attack/images']):,} images ({int(m['attack/failures'])} failed), "
-              f"misclassified {m['attack/misclassified_rate']:.1%}, "
-              f"mean {m['attack/mean_steps']:.1f} steps, L-inf mean "
-              f"{m['attack/linf_mean'] * 255:.2f}/255 max {m['attack/linf_max'] * 255:.2f}/255, "
-              f"L2 mean {m['attack/l2_mean']:.3f} max "
+    if len(adv_set["labels"]) <= TABLE_IMAGES:
+        out.print(image_table(adv_set))
+    out.print(f"[bold]{adv_set['attack']}[/]: goal reached on [bold green]"
+              f"{m['attack/success_rate']:.1%}[/] of {int(m['attack/images']):,} images "
+              f"({int(m['attack/failures'])} failed), misclassified "
+              f"{m['attack/misclassified_rate']:.1%}, mean {m['attack/mean_steps']:.1f} steps, "
+              f"L-inf mean {m['attack/linf_mean'] * 255:.2f}/255 max "
+              f"{m['attack/linf_max'] * 255:.2f}/255, L2 mean {m['attack/l2_mean']:.3f} max "
               f"{m['attack/l2_max']:.3f}, in {duration(m['attack/seconds'])}", soft_wrap=True)
-    out.print(f"run {done.run_id}  set {adversarial.SET_ARTIFACT}  figure figures/adversarial.png",
+    out.print(f"run {done.run_id}  set {SET_ARTIFACT}  figure figures/adversarial.png",
               highlight=False, soft_wrap=True)
-    out.print(ui_hint(tracking.tracking_uri(tracking_uri), done.experiment_id, done.run_id),
-              highlight=False, soft_wrap=True)
+    _open_hint(tracking_uri, done.experiment_id, done.run_id)
 
 
 @command
@@ -400,23 +466,22 @@ def transfer(
                                              + " Repeatable.")],
     device: Device = "auto",
     threads: Threads = None,
-    experiment: Experiment = tracking.DEFAULT_EXPERIMENT,
+    experiment: Experiment = DEFAULT_EXPERIMENT,
     run_name: RunName = None,
     tracking_uri: TrackingUri = None,
 ):
     """Feed stored adversarial images to other models: accuracy and transfer rate, as a run."""
-    from . import adversarial
-    from .data import resolve_device
+    from . import runs
+    from .console import out, transfer_table
 
     _threads(threads)
-    uri = tracking.tracking_uri(tracking_uri)
-    done = adversarial.transfer_command(adversarial_runs, model, resolve_device(device), uri,
-                                        experiment, run_name)
-    out.print(adversarial.transfer_table(done.sources, done.targets, done.cells))
+    done = runs.transfer_run(runs.TransferConfig(tuple(adversarial_runs), tuple(model), device),
+                             _tracking(tracking_uri, experiment, run_name))
+    out.print(transfer_table(done.sources, done.targets, done.cells))
     out.print(f"run {done.run_id}  transfer.json"
               + ("  figures/transfer_matrix.png" if len(done.cells) > 1 else ""),
               highlight=False, soft_wrap=True)
-    out.print(ui_hint(uri, done.experiment_id, done.run_id), highlight=False, soft_wrap=True)
+    _open_hint(tracking_uri, done.experiment_id, done.run_id)
 
 
 def main():

@@ -1,10 +1,11 @@
-"""What the CLI shows: the training progress bar and end-of-run summaries (rich)."""
+"""What the CLI shows: the training progress bar and end-of-run tables (rich)."""
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
-from typing import Mapping
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -28,14 +29,20 @@ class TrainingProgress:
         self.started = time.perf_counter()
 
     def __enter__(self):
-        self.progress.start()
         self.started = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
         self.progress.stop()
 
-    def update(self, step: int, latest: Mapping[str, float]):
+    def update(self, points: list[tuple[str, float, int, int]]):
+        """A training listener: the new metric points, (key, value, step, time)."""
+        if not points:
+            return
+        if not self.progress.live.is_started:  # shown from the first metrics on: an error
+            self.progress.start()               # before them is one line, with no bar
+        step = max(p[2] for p in points)
+        latest = {key: value for key, value, _, _ in points}
         fields = {"speed": f"{step * self.batch_size / (time.perf_counter() - self.started):,.0f}"}
         if "train/loss" in latest:
             fields["loss"] = f"{latest['train/loss']:.3f}"
@@ -56,3 +63,48 @@ def ui_hint(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     where = "" if tracking_uri == here else f" --tracking-uri '{tracking_uri}'"
     return (f"open it: cifarx ui{where}  ->  "
             f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}")
+
+
+def image_table(adv_set: dict[str, Any]):
+    from rich.table import Table
+
+    classes = adv_set["classes"]
+    table = Table("image", "class", "conf", "adv. class", "conf", "steps", "L-inf", "L2", "goal",
+                  title=f"{adv_set['attack']}: each image (test set index; L-inf in 1/255)")
+    for i in range(len(adv_set["labels"])):
+        table.add_row(
+            str(int(adv_set["indices"][i])) if adv_set["indices"][i] >= 0 else "noise",
+            classes[adv_set["labels"][i]],
+            f"{adv_set['conf'][i]:.1%}", classes[adv_set["adv_labels"][i]],
+            f"{adv_set['adv_conf'][i]:.1%}", str(int(adv_set["steps"][i])),
+            f"{adv_set['linf'][i] * 255:.1f}", f"{adv_set['l2'][i]:.3f}",
+            "ok" if adv_set["success"][i] else "[red]failed[/]")
+    return table
+
+
+
+
+def transfer_table(sources: list[dict], targets: list[dict], cells: list[dict]):
+    """One row per pair, or for more than one pair a set x model matrix that fits a terminal."""
+    from rich.table import Table
+
+    pct = lambda v: "-" if math.isnan(v) else f"{v:.1%}"  # noqa: E731
+    if len(cells) == 1:
+        (c,) = cells
+        table = Table("adversarial set", "target model", "images", "acc orig.", "acc adv.",
+                      "transfer", "same class", title="transfer of adversarial images")
+        table.add_row(sources[0]["label"], targets[0]["label"], str(c["images"]),
+                      pct(c["clean_acc"]), pct(c["adv_acc"]), pct(c["transfer_rate"]),
+                      pct(c["same_class_rate"]))
+        return table
+    table = Table("adversarial set", *(t["label"] for t in targets),
+                  title="transfer of adversarial images: transfer rate / accuracy on them")
+    cell = {(c["source"], c["target"]): c for c in cells}
+    for s in sources:
+        table.add_row(s["label"], *(f"{pct(cell[s['key'], t['key']]['transfer_rate'])} / "
+                                    f"{pct(cell[s['key'], t['key']]['adv_acc'])}"
+                                    for t in targets))
+    return table
+
+
+# --- the commands ---------------------------------------------------------------------------

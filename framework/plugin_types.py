@@ -7,11 +7,12 @@ A plugin builds one of these and hands it to the ``register`` callback of the ma
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-import torch
-from torch import Tensor, nn
+from .options import Option, schema
+
+if TYPE_CHECKING:  # torch is imported by the plugins that use it, not by `cifarx --help`
+    from torch import Tensor, nn
 
 # Where an augmentation runs in a training step, in this order:
 #   "pixels"      on float pixels in [0, 1], before normalization (e.g. a flip)
@@ -20,12 +21,17 @@ from torch import Tensor, nn
 #   "normalized"  on the network's input, after normalization (e.g. a zero-padded crop)
 STAGES = ("pixels", "normalize", "normalized")
 
-# The options a plugin takes on the command line as name=value (``--arch-opt``, ``--probe-opt``),
-# passed to it as keyword arguments, always as text:
-#   name -> ("a", "b", ...)  only these values are accepted; the first is the default
-#   name -> "default"        any text (a path, a layer name, a number) that the plugin checks
-#                            itself, raising UserError; "" means "not set"
-Options = Mapping[str, "str | tuple[str, ...]"]
+# The options a plugin declares, by name: an Option (default, type, choices or range, help),
+# or for short a tuple of accepted values (the first is the default) or a plain default value.
+# Every kind takes them the same way; see cifarx.options.
+Options = Mapping[str, "Option | tuple | Any"]
+
+
+class _Declared:
+    """Turns the ``options`` a plugin wrote into :class:`cifarx.options.Option` objects."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "options", schema(self.options))
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,8 @@ class ImageData:
     source: str  # where the files came from (a path or URL), recorded with each run
 
     def __post_init__(self):
+        import torch
+
         for split in ("train", "test"):
             images, labels = getattr(self, f"{split}_images"), getattr(self, f"{split}_labels")
             if images.dtype != torch.uint8 or images.dim() != 4:
@@ -50,36 +58,46 @@ class ImageData:
 
 
 @dataclass(frozen=True)
-class Dataset:
-    """A dataset: ``load(data_dir, split)`` returns :class:`ImageData`.
+class Dataset(_Declared):
+    """A dataset: ``load(data_dir, split, **options)`` returns :class:`ImageData`.
 
-    ``split`` is one of ``splits`` and selects the training images (the test set is always the
-    whole test set). ``data_dir`` is where the files live or should be downloaded to.
+    ``split`` is one of ``splits`` (the first is the default) and selects the training images
+    (the test set is always the whole test set). ``data_dir`` is where the files live or should
+    be downloaded to. ``options`` (set with ``--dataset-opt NAME=VALUE``) reach ``load`` as
+    keyword arguments. ``image_shape`` (C, H, W) and ``num_classes`` tell ``cifarx describe``
+    what the dataset's images look like without loading them.
     """
 
     name: str
-    load: Callable[[Path, str], ImageData]
+    load: Callable[..., ImageData]
     splits: tuple[str, ...] = ("all",)
     summary: str = ""
+    options: Options = field(default_factory=dict)
+    image_shape: tuple[int, int, int] = (3, 32, 32)
+    num_classes: int = 10
 
 
 @dataclass(frozen=True)
-class Augmentation:
+class Augmentation(_Declared):
     """A batched image operation applied during training, on the training device.
 
-    For the ``"pixels"`` and ``"normalized"`` stages, ``apply(images, generator)`` transforms a
-    float batch (N, C, H, W); draw all randomness from ``generator`` so that runs repeat.
-    For the ``"normalize"`` stage, ``fit(train_images)`` receives the uint8 training images and
-    returns the ``nn.Module`` that maps pixels in [0, 1] to the network's input.
+    For the ``"pixels"`` and ``"normalized"`` stages, ``apply(images, generator, **options)``
+    transforms a float batch (N, C, H, W); draw all randomness from ``generator`` so that runs
+    repeat. For the ``"normalize"`` stage, ``fit(train_images, **options)`` receives the uint8
+    training images and returns the ``nn.Module`` that maps pixels in [0, 1] to the network's
+    input. ``options`` are set with ``--aug-opt <name>.<option>=VALUE`` and logged as the params
+    ``aug.<name>.<option>``.
     """
 
     name: str
     stage: str
-    apply: Callable[[Tensor, torch.Generator], Tensor] | None = None
-    fit: Callable[[Tensor], nn.Module] | None = None
+    apply: Callable[..., Tensor] | None = None
+    fit: Callable[..., nn.Module] | None = None
     summary: str = ""
+    options: Options = field(default_factory=dict)
 
     def __post_init__(self):
+        super().__post_init__()
         if self.stage not in STAGES:
             raise ValueError(f"augmentation {self.name!r}: stage must be one of {STAGES}")
         wanted = "fit" if self.stage == "normalize" else "apply"
@@ -88,15 +106,15 @@ class Augmentation:
 
 
 @dataclass(frozen=True)
-class Architecture:
+class Architecture(_Declared):
     """A model factory: ``build(num_classes=, in_channels=, image_size=, **options)``.
 
     The module it returns takes normalized images and returns logits. ``defaults`` may set
     training options this architecture is known to train best with (``lr``, ``optimizer``,
     ``momentum``, ``weight_decay``, ``schedule``); the user's flags still win. ``options`` are
-    the keyword arguments ``build`` takes from ``--arch-opt name=value`` (see :data:`Options`),
-    e.g. ``{"activation": ("relu", "silu")}``; ``build`` receives every one, filled with its
-    default, and they are logged as the params ``arch.<name>``.
+    what ``--arch-opt NAME=VALUE`` sets (see :data:`Options`), e.g.
+    ``{"activation": ("relu", "silu")}``; ``build`` receives every one, typed and filled with
+    its default, and they are logged as the params ``arch.<name>``.
     """
 
     name: str
@@ -107,18 +125,21 @@ class Architecture:
 
 
 @dataclass(frozen=True)
-class Probe:
+class Probe(_Declared):
     """A training probe: ``attach(model, **options)`` returns a function run every training step.
 
     ``model`` is the network (after the normalization), ``options`` those the user set with
-    ``--probe-opt <probe>.name=value``, filled with their defaults (see :data:`Options`);
-    ``attach`` raises :class:`cifarx.UserError` for a value it cannot use. The function it
+    ``--probe-opt <probe>.NAME=VALUE``, typed and filled with their defaults (see
+    :data:`Options`); ``attach`` raises :class:`cifarx.OptionError` for a value it cannot use
+    (a layer the network lacks). The function it
     returns runs after backward and before the optimizer step, and returns metrics as
     ``{"key": scalar tensor}`` (or none, on steps it skips). Keep the tensors on the device:
     the engine batches them to the host and to MLflow, so a probe costs no host sync.
-    ``figure(history)``, if given, receives every metric of the run as
-    ``{key: [(step, value), ...]}`` at the end and returns a matplotlib figure, logged as
-    ``figures/<name>.png``.
+    The function is called once per training step, and what it returns is logged at that
+    step (1, 2, ...). ``figure(history)``, if given, receives every metric of the run (the
+    probe's and the others': ``train/loss``, ``test/acc``, ...) as
+    ``{key: [(step, value), ...]}`` once, at the end of the run (or where it diverged), and
+    returns a matplotlib figure, logged as ``figures/<name>.png``.
     """
 
     name: str
@@ -158,20 +179,23 @@ class AttackResult:
 
 
 @dataclass(frozen=True)
-class Attack:
+class Attack(_Declared):
     """An adversarial attack: ``build(model, **options)`` returns an ``attack`` function.
 
     ``attack(images, labels, generator)`` receives a whole batch of float32 pixels in [0, 1] on
     the model's device with their true labels, draws any randomness from ``generator`` (on the
     same device), and returns an :class:`AttackResult`. ``model`` takes pixels in [0, 1] (it
     holds its own normalization), is in eval mode and its parameters do not require gradients.
-    ``build``'s keyword arguments are the attack's options, their defaults the attack's
-    defaults; it raises :class:`cifarx.UserError` for a value out of range.
+    ``options`` are set with ``--attack-opt NAME=VALUE`` (some with flags of their own on
+    ``cifarx attack``: ``--eps``, ...) and logged as the params ``attack.<name>``; ``build``
+    receives every one, typed and filled with its default. An option named ``target`` takes a
+    class: the user gives an index or a name, ``build`` receives the index (or ``"next"``).
     """
 
     name: str
-    build: Callable[..., Callable[[Tensor, Tensor, torch.Generator], AttackResult]]
+    build: Callable[..., Callable[..., AttackResult]]
     summary: str = ""
+    options: Options = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

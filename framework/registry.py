@@ -1,14 +1,16 @@
 """Finding plugins: entry points -> pluggy -> a catalog of named plugin objects.
 
 Every plugin, built-in or third-party, is a module listed in the ``cifarx`` entry-point group.
-Loading is guarded: a package that fails to import, or whose hook raises, becomes one line in
-``problems`` and everything else keeps working. ``CIFARX_LOAD_PLUGINS=a,b`` limits the
-third-party packages that load; the built-ins always load.
+Loading is guarded: a package that fails to import, whose hook raises, or that implements a hook
+no hookspec declares (a misspelling), becomes one line in ``problems`` and everything else keeps
+working. ``CIFARX_LOAD_PLUGINS=a,b`` limits the third-party packages that load; the built-ins
+always load.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.metadata
 import os
 import re
@@ -26,8 +28,45 @@ BUILTIN_PACKAGE = "cifarx"
 ALLOW_ENV = "CIFARX_LOAD_PLUGINS"
 
 
+HOOKS = tuple(sorted(name for name, f in vars(hookspecs).items() if hasattr(f, f"{GROUP}_spec")))
+
+
 def _canonical(package: str) -> str:
-    return re.sub(r"[-_.]+", "-", package).lower()
+    return re.sub(r"[-_.]+", "-", package.strip()).lower()
+
+
+def parse_allow(value: str | None) -> set[str] | None:
+    """The packages ``CIFARX_LOAD_PLUGINS`` names (``"a, b"`` -> ``{"a", "b"}``); None if unset."""
+    if value is None:
+        return None
+    return {_canonical(p) for p in value.split(",") if p.strip()}
+
+
+def unknown_hooks(plugin: object) -> list[str]:
+    """The hooks ``plugin`` implements that no hookspec declares: usually a misspelled name.
+
+    pluggy's ``check_pending()`` finds them, but raises for the first one in the whole manager;
+    checking each plugin in a manager of its own keeps one bad package from hiding the others.
+    """
+    alone = pluggy.PluginManager(GROUP)
+    alone.add_hookspecs(hookspecs)
+    alone.register(plugin)
+    try:
+        alone.check_pending()
+    except pluggy.PluginValidationError:
+        return sorted(caller.name for caller in alone.get_hookcallers(plugin)
+                      if not caller.has_spec()
+                      and not all(impl.optionalhook for impl in caller.get_hookimpls()))
+    return []
+
+
+def _unknown_hooks_problem(package: str, unknown: list[str]) -> str:
+    named = []
+    for hook in unknown:
+        close = difflib.get_close_matches(hook, HOOKS, n=1)
+        named.append(f"{hook!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return (f"plugin package {package}: unknown hook{'s' if len(named) > 1 else ''} "
+            f"{', '.join(named)}, ignored; the hooks are {', '.join(HOOKS)}")
 
 
 @dataclass(frozen=True)
@@ -63,27 +102,63 @@ class Catalog:
             by_key.setdefault((e.kind, e.name), []).append(e)
         return {key: found for key, found in by_key.items() if len(found) > 1}
 
-    def get(self, kind: str, name: str) -> Any:
-        """The plugin object of this kind called ``name``, or a UserError saying what exists."""
+    def _matches(self, kind: str, name: str) -> list[Entry]:
+        """The registrations that answer for ``name``: exact names first, else families."""
         if kind not in KINDS:
             raise ValueError(f"unknown plugin kind {kind!r}")
         exact = [e for e in self.entries if e.kind == kind and e.name == name]
         families = [e for e in self.entries if e.kind == kind and isinstance(e.item, Family)
                     and name.startswith(e.item.prefix) and len(name) > len(e.item.prefix)]
-        found = exact or families
+        return exact or families
+
+    def _entry(self, kind: str, name: str) -> Entry:
+        """The one registration ``name`` resolves to, or a UserError (unknown name, clash)."""
+        found = self._matches(kind, name)
         if not found:
             available = ", ".join(self.names(kind)) or "none installed"
             raise UserError(f"unknown {kind} {name!r}; available: {available}")
         if len(found) > 1:
-            owners = " and ".join(f"{e.package} {e.version}".strip() for e in found)
-            raise UserError(f"{kind} {name!r} is registered by more than one package ({owners}); "
-                            f"uninstall one, or choose with {ALLOW_ENV}=<package>")
-        item = found[0].item
+            raise UserError(self.clash_advice(kind, name))
+        return found[0]
+
+    def clash_advice(self, kind: str, name: str) -> str:
+        """One sentence: which packages register ``name`` and what resolves the clash.
+
+        A built-in always loads, so a third-party plugin cannot take a built-in's name: that
+        package must rename its plugin (or not load). Between third-party packages, uninstalling
+        one or leaving one out of ``CIFARX_LOAD_PLUGINS`` resolves it.
+        """
+        found = self._matches(kind, name)
+        owners = {e.package: f"{e.package} {e.version}".strip() for e in found}
+        if len(owners) == 1:
+            package = found[0].package
+            return (f"{kind} {name!r} is registered more than once by {owners[package]}; "
+                    f"{package} must rename all but one of them")
+        said = (f"{kind} {name!r} is registered by more than one package "
+                f"({' and '.join(owners.values())}); ")
+        if any(e.builtin for e in found):
+            others = " and ".join(p for p in owners if _canonical(p) != BUILTIN_PACKAGE)
+            return (said + f"a plugin cannot reuse a built-in's name, as the built-ins always "
+                    f"load: {others} must rename it (until then, uninstall {others}, or leave it "
+                    f"out of the packages {ALLOW_ENV} lists)")
+        return (said + f"uninstall all but one of them, or set {ALLOW_ENV} to the third-party "
+                f"packages to load, naming only one of these (e.g. {ALLOW_ENV}={found[0].package})")
+
+    def origin(self, kind: str, name: str) -> tuple[str, str]:
+        """(package, version) of the plugin ``name`` resolves to; a family member's is its
+        family's. Runs record it as ``cifarx.plugin.<kind>.<name> = package==version``."""
+        entry = self._entry(kind, name)
+        return entry.package, entry.version
+
+    def get(self, kind: str, name: str) -> Any:
+        """The plugin object of this kind called ``name``, or a UserError saying what exists."""
+        entry = self._entry(kind, name)
+        item = entry.item
         if isinstance(item, Family):
             item = item.resolve(name[len(item.prefix):])
             expected = KINDS[kind][1]
             if not isinstance(item, expected):
-                raise TypeError(f"{found[0].package}: family {found[0].name!r} resolved {name!r} to "
+                raise TypeError(f"{entry.package}: family {entry.name!r} resolved {name!r} to "
                                 f"{type(item).__name__}, not {expected.__name__}")
             if item.name != name:
                 item = dataclasses.replace(item, name=name)
@@ -124,9 +199,10 @@ class Registry:
             try:
                 self.register(ep.load(), name=name, package=package, version=version)
             except Exception as exc:  # a broken package must not take the others down
+                message = " ".join(str(exc).split())  # one line (pluggy's messages have several)
                 self.load_problems.append(
                     f"plugin package {package} ({ep.value}) failed to load: "
-                    f"{type(exc).__name__}: {exc}")
+                    f"{type(exc).__name__}: {message}")
         for missing in sorted((allow or set()) - seen_packages):
             self.load_problems.append(f"{ALLOW_ENV} names {missing!r}, which is not installed")
 
@@ -134,6 +210,11 @@ class Registry:
         """Call every plugin's register hooks, each guarded, and collect what they register."""
         entries: list[Entry] = []
         problems = list(self.load_problems)
+        for plugin_name, plugin in self.pm.list_name_plugin():
+            unknown = unknown_hooks(plugin)
+            if unknown:
+                package = self.origins.get(plugin_name, (plugin_name, ""))[0]
+                problems.append(_unknown_hooks_problem(package, unknown))
         for kind, (hook_name, cls) in KINDS.items():
             for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
                 package, version = self.origins.get(impl.plugin_name, (impl.plugin_name, ""))
@@ -166,13 +247,17 @@ def registry() -> Registry:
     """The process-wide registry, loaded from entry points on first use."""
     global _registry
     if _registry is None:
-        allow_env = os.environ.get(ALLOW_ENV)
-        allow = None
-        if allow_env is not None:
-            allow = {_canonical(p) for p in allow_env.split(",") if p.strip()}
         _registry = Registry()
-        _registry.load_entry_points(allow)
+        _registry.load_entry_points(parse_allow(os.environ.get(ALLOW_ENV)))
     return _registry
+
+
+def set_registry(new: Registry | None) -> Registry | None:
+    """Make ``new`` the process-wide registry (None: load it again on next use); returns the
+    previous one, to put back. :mod:`cifarx.testing` uses it."""
+    global _registry
+    previous, _registry = _registry, new
+    return previous
 
 
 def catalog() -> Catalog:

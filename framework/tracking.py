@@ -1,7 +1,7 @@
 """MLflow: where runs go, a run's lifecycle, buffered metrics, and models in and out.
 
-mlflow is imported inside the functions that need it: it takes seconds to import, and
-``cifarx --help`` or ``cifarx plugins`` should not pay for it.
+mlflow and torch are imported inside the functions that need them: they take seconds to
+import, and ``cifarx --help`` should not pay for them.
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
-
-import torch
-from torch import Tensor, nn
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor, nn
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "cifarx"
@@ -63,6 +64,7 @@ class MetricLog:
         self._pending: list[tuple[str, Tensor | float, int, int]] = []
 
     def add(self, step: int, values: Mapping[str, Tensor | float]):
+        """Keep ``values`` (0-dim tensors or numbers) measured at ``step``."""
         now = int(time.time() * 1000)
         self._pending.extend((key, value, step, now) for key, value in values.items())
 
@@ -70,6 +72,9 @@ class MetricLog:
         """Send what is pending; return the latest value of each key flushed."""
         if not self._pending:
             return {}
+        import torch
+        from torch import Tensor
+
         tensors = [v for _, v, _, _ in self._pending if isinstance(v, Tensor)]
         host = iter(torch.stack([t.detach().float().reshape(()) for t in tensors]).tolist()
                     if tensors else [])
@@ -149,7 +154,7 @@ class Run:
         with _active(self.id):
             mlflow.log_input(dataset, context=context)
 
-    def log_model(self, model: nn.Module) -> str:
+    def log_model(self, model: nn.Module, packages: tuple[str, ...] = ()) -> str:
         """Save ``model`` as the MLflow model ``runs:/<id>/model``; returns that URI.
 
         The pickle format loads back the original ``nn.Module`` (eval()/train() work, attacks
@@ -162,7 +167,7 @@ class Run:
 
         with _active(self.id):
             mlflow.pytorch.log_model(model, name=MODEL_ARTIFACT, serialization_format="pickle",
-                                     pip_requirements=requirements_for(model))
+                                     pip_requirements=requirements_for(model, packages))
         return f"runs:/{self.id}/{MODEL_ARTIFACT}"
 
 
@@ -179,30 +184,68 @@ def _active(run_id: str):
         yield
 
 
+def _open(uri: str, experiment: str | None, run_name: str | None, parent: str | None) -> str:
+    """The id of the run to log into: a new run (a child of ``parent``, or of the run active
+    in this process, when there is one), or under ``mlflow run`` with no parent, the run
+    ``mlflow run`` opened (``MLFLOW_RUN_ID``)."""
+    import mlflow
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    client = mlflow.MlflowClient(uri)
+    outer = os.environ.get("MLFLOW_RUN_ID")
+    if outer and parent is None:
+        return client.get_run(outer).info.run_id
+    active = mlflow.active_run()
+    parent = parent or (active.info.run_id if active else None)
+    name = experiment or DEFAULT_EXPERIMENT
+    found = client.get_experiment_by_name(name)
+    experiment_id = found.experiment_id if found else _create_experiment(client, name)
+    tags = {MLFLOW_PARENT_RUN_ID: parent} if parent else {}
+    return client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+
+
+def _create_experiment(client, name: str) -> str:
+    """Create an experiment; another process may create it first (a sweep's workers)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.create_experiment(name)
+    except MlflowException:
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
 @contextlib.contextmanager
 def start_run(uri: str, experiment: str | None = None, run_name: str | None = None,
-              tags: Mapping[str, Any] | None = None) -> Iterator[Run]:
+              tags: Mapping[str, Any] | None = None, parent: str | None = None) -> Iterator[Run]:
     """Open a run and end it FINISHED, FAILED (on an exception) or KILLED (on Ctrl-C).
 
-    Inside ``mlflow run`` (``MLFLOW_RUN_ID`` set) it logs into the run mlflow started.
+    ``parent``: the run id this one is a child of (``mlflow.parentRunId``); a run opened while
+    another is active in this process is that one's child. Under ``mlflow run``
+    (``MLFLOW_RUN_ID`` set) a run without ``parent`` is the run mlflow opened: one command,
+    one run.
     """
     import mlflow
     from sqlalchemy.exc import SQLAlchemyError
 
+    from .store import prepare_store
+
     _quiet_mlflow()
     mlflow.set_tracking_uri(uri)
     try:
-        if os.environ.get("MLFLOW_RUN_ID"):
-            outer = mlflow.MlflowClient().get_run(os.environ["MLFLOW_RUN_ID"])
-            mlflow.set_experiment(experiment_id=outer.info.experiment_id)
-            active = mlflow.start_run(run_id=outer.info.run_id)
-        else:
-            mlflow.set_experiment(experiment or DEFAULT_EXPERIMENT)
-            active = mlflow.start_run(run_name=run_name)
+        prepare_store(uri)
+        run_id = _open(uri, experiment, run_name, parent)
+        # Active for the fluent calls that need it (log_model, log_input); nested, so that a
+        # caller's own active run stays as it was. MLflow checks the fluent experiment first.
+        mlflow.set_experiment(experiment_id=mlflow.MlflowClient(uri).get_run(run_id)
+                              .info.experiment_id)
+        mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None)
     except (mlflow.exceptions.MlflowException, OSError, SQLAlchemyError) as exc:
         reason = getattr(exc, "message", None) or str(exc)
         raise UserError(f"cannot open an MLflow run at {uri}: {reason.splitlines()[0]}") from None
-    run = Run(active.info.run_id)
+    run = Run(run_id)
     status = "FAILED"
     try:
         if tags:
@@ -222,12 +265,14 @@ def start_run(uri: str, experiment: str | None = None, run_name: str | None = No
         mlflow.end_run(status)
 
 
-def requirements_for(model: nn.Module) -> list[str]:
-    """Pinned pip requirements for every package whose classes the pickled model holds.
+def requirements_for(model: nn.Module, extra: tuple[str, ...] = ()) -> list[str]:
+    """Pinned pip requirements for every package whose classes the pickled model holds, and
+    the ``extra`` distributions (the plugin packages the run used).
 
     Given explicitly: letting MLflow infer them took 4 to 15 s per model.
     """
     packages = {"torch", "cifarx"} | {type(m).__module__.split(".")[0] for m in model.modules()}
+    packages |= set(extra)
     by_module = importlib.metadata.packages_distributions()
     requirements = set()
     for module in sorted(packages):
@@ -243,6 +288,8 @@ def load_model(uri: str, tracking: str, device: torch.device | str = "cpu") -> n
     """A model from ``runs:/<id>/model``, ``models:/...`` or a local MLflow model folder."""
     import mlflow
     import mlflow.pytorch
+    import torch
+    from torch import nn
 
     _quiet_mlflow()
     mlflow.set_tracking_uri(tracking)
@@ -296,6 +343,7 @@ def source_run_id(uri: str) -> str | None:
 
 
 def data_digest(*tensors: Tensor) -> str:
+    """A short digest of the images and labels a run used, recorded with its dataset."""
     digest = hashlib.md5()
     for t in tensors:
         digest.update(t.contiguous().cpu().numpy().tobytes())

@@ -18,7 +18,7 @@ from collections import OrderedDict
 import torch
 from torch import Tensor, nn
 
-from cifarx import Architecture, hookimpl
+from cifarx import Architecture, Option, hookimpl
 
 ACTIVATIONS = {
     "relu": lambda: nn.ReLU(inplace=True),
@@ -28,7 +28,11 @@ ACTIVATIONS = {
     "silu": lambda: nn.SiLU(inplace=True),
 }
 INITS = ("default", "he", "xavier")
-CONV_OPTIONS = {"activation": tuple(ACTIVATIONS), "init": INITS}
+CONV_OPTIONS = {
+    "activation": Option("relu", choices=tuple(ACTIVATIONS), help="the activation after each conv"),
+    "init": Option("default", choices=INITS,
+                   help="weight init: PyTorch's default, he (Kaiming normal) or xavier"),
+}
 
 CONVONLY_WIDTHS = (32, 32, 64, 128)  # conv1..conv4
 EXTRA_LAYERS = 20

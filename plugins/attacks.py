@@ -8,57 +8,11 @@ change) and the L-infinity radius for fgsm and pgd. ``target`` is ``None`` (unta
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cifarx import Attack, AttackResult, UserError, hookimpl
-
-
-def number(value) -> float:
-    """``value`` as a float; NaN (which every check refuses) for text or a bool."""
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
-        else math.nan
-
-
-def shown(value) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def check_fraction(flag: str, value: float) -> float:
-    if not 0 < number(value) <= 1:  # also refuses NaN and what is not a number
-        raise UserError(f"--{flag} must be in (0, 1], got {shown(value)}; a fraction such as 1/255 "
-                        "or a decimal such as 0.0039")
-    return float(value)
-
-
-def check_confidence(value: float) -> float:
-    if not 0 < number(value) < 1:
-        raise UserError(f"--confidence must be in (0, 1) (a probability, e.g. 0.99), got "
-                        f"{shown(value)}")
-    return float(value)
-
-
-def check_count(flag: str, value: int) -> int:
-    if not (1 <= number(value) < math.inf and int(value) == value):
-        raise UserError(f"--{flag} must be a whole number >= 1, got {value}")
-    return int(value)
-
-
-def check_flag(flag: str, value: bool) -> bool:
-    if not isinstance(value, bool):
-        raise UserError(f"--attack-opt {flag}={value}: accepted: true, false")
-    return value
-
-
-def check_target(target: int | str | None) -> int | str | None:
-    if target is None or target == "next":
-        return target
-    if isinstance(target, int) and not isinstance(target, bool) and target >= 0:
-        return target
-    raise UserError(f"--target {target!r} is not a class; accepted: next, or a class index or name")
+from cifarx import Attack, AttackResult, Option, OptionError, hookimpl
 
 
 def num_classes(model: nn.Module, images: Tensor) -> int:
@@ -76,7 +30,7 @@ def aims(target: int | str | None, labels: Tensor, classes: int) -> Tensor | Non
     if target == "next":
         return (labels + 1) % classes
     if target >= classes:
-        raise UserError(f"--target {target}: the model has classes 0 to {classes - 1}")
+        raise OptionError("target", f"the model has classes 0 to {classes - 1}")
     return torch.full_like(labels, target)
 
 
@@ -137,8 +91,6 @@ def build_ifgsm(model: nn.Module, eps: float = 1 / 255, confidence: float = 0.99
     (or the target) has probability >= confidence; images that need more than ``max_steps``
     steps end as failures."""
     model.eval()  # batch norm must not mix the images of a batch
-    eps, confidence = check_fraction("eps", eps), check_confidence(confidence)
-    max_steps, target = check_count("max-steps", max_steps), check_target(target)
 
     def attack(images: Tensor, labels: Tensor, generator: torch.Generator | None = None):
         targets = aims(target, labels, num_classes(model, images))
@@ -150,7 +102,6 @@ def build_ifgsm(model: nn.Module, eps: float = 1 / 255, confidence: float = 0.99
 def build_fgsm(model: nn.Module, eps: float = 8 / 255):
     """One step: x + eps * sign(grad_x CE(x, y)); success means misclassified."""
     model.eval()  # batch norm must not mix the images of a batch
-    eps = check_fraction("eps", eps)
 
     def attack(images: Tensor, labels: Tensor, generator: torch.Generator | None = None):
         direction = signed_gradient(model, images, labels, toward=False)
@@ -165,9 +116,6 @@ def build_pgd(model: nn.Module, eps: float = 8 / 255, alpha: float = 2 / 255, st
               target: int | str | None = None, random_start: bool = True):
     """Projected gradient descent in the L-infinity ball of radius eps around each image."""
     model.eval()  # batch norm must not mix the images of a batch
-    eps, alpha = check_fraction("eps", eps), check_fraction("alpha", alpha)
-    steps, target = check_count("steps", steps), check_target(target)
-    random_start = check_flag("random_start", random_start)
 
     def attack(images: Tensor, labels: Tensor, generator: torch.Generator | None = None):
         targets = aims(target, labels, num_classes(model, images))
@@ -193,8 +141,6 @@ def build_fool_noise(model: nn.Module, eps: float = 1 / 255, confidence: float =
     confidence. The class: ``target``, or by default each image's label (so choosing two
     test images per class makes two fooling images per class)."""
     model.eval()  # batch norm must not mix the images of a batch
-    eps, confidence = check_fraction("eps", eps), check_confidence(confidence)
-    max_steps, target = check_count("max-steps", max_steps), check_target(target)
 
     def attack(images: Tensor, labels: Tensor, generator: torch.Generator | None = None):
         targets = labels if target is None else aims(target, labels, num_classes(model, images))
@@ -204,16 +150,40 @@ def build_fool_noise(model: nn.Module, eps: float = 1 / 255, confidence: float =
     return attack
 
 
+# The options the attacks share; each attack declares those it takes.
+STEP = Option(1 / 255, float, range="(0, 1]", help="the size of each signed-gradient step")
+RADIUS = Option(8 / 255, float, range="(0, 1]", help="L-inf radius of the perturbation")
+CONFIDENCE = Option(0.99, float, range="(0, 1)",
+                    help="stop when a wrong class (or the target) has this probability")
+TARGET = Option(None, str, help="a class index or name, or next (the class after the true one); "
+                                "not set: untargeted")
+
+
 @hookimpl
 def register_attacks(register):
-    register(Attack(name="ifgsm", build=build_ifgsm,
-                    summary="iterative signed gradient, step eps (1/255), until a wrong class "
-                            "has >= confidence (0.99); targeted with target"))
-    register(Attack(name="fgsm", build=build_fgsm,
+    register(Attack(
+        name="ifgsm", build=build_ifgsm,
+        options={"eps": STEP, "confidence": CONFIDENCE, "target": TARGET,
+                 "max_steps": Option(200, int, range="[1, inf)",
+                                     help="steps after which an image counts as failed")},
+        summary="iterative signed gradient, step eps (1/255), until a wrong class has >= "
+                "confidence (0.99); targeted with target"))
+    register(Attack(name="fgsm", build=build_fgsm, options={"eps": RADIUS},
                     summary="one signed-gradient step of size eps (8/255)"))
-    register(Attack(name="pgd", build=build_pgd,
-                    summary="L-inf ball radius eps (8/255), random start, steps (10) of alpha "
-                            "(2/255); targeted with target"))
-    register(Attack(name="fool-noise", build=build_fool_noise,
-                    summary="random noise pushed to a class (each image's label, or target) "
-                            "with >= confidence (0.99)"))
+    register(Attack(
+        name="pgd", build=build_pgd,
+        options={"eps": RADIUS, "target": TARGET,
+                 "alpha": Option(2 / 255, float, range="(0, 1]", help="the size of each step"),
+                 "steps": Option(10, int, range="[1, inf)", help="the number of steps"),
+                 "random_start": Option(True, help="start from a random point of the ball")},
+        summary="L-inf ball radius eps (8/255), random start, steps (10) of alpha (2/255); "
+                "targeted with target"))
+    register(Attack(
+        name="fool-noise", build=build_fool_noise,
+        options={"eps": STEP, "confidence": CONFIDENCE,
+                 "target": Option(None, str, help="a class index or name, or next; not set: "
+                                                  "each image's own class"),
+                 "max_steps": Option(500, int, range="[1, inf)",
+                                     help="steps after which an image counts as failed")},
+        summary="random noise pushed to a class (each image's label, or target) with >= "
+                "confidence (0.99)"))

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cifarx import Augmentation, hookimpl
+from cifarx import Augmentation, Option, hookimpl
 
 
 class Standardize(nn.Module):
@@ -61,9 +61,9 @@ def fit_raw(train_images: Tensor) -> nn.Module:
     return Scale(255.0)
 
 
-def random_flip(images: Tensor, generator: torch.Generator) -> Tensor:
-    """Mirror each image left-right with probability 0.5."""
-    flip = torch.rand(images.shape[0], 1, 1, 1, generator=generator, device=images.device) < 0.5
+def random_flip(images: Tensor, generator: torch.Generator, p: float = 0.5) -> Tensor:
+    """Mirror each image left-right with probability ``p``."""
+    flip = torch.rand(images.shape[0], 1, 1, 1, generator=generator, device=images.device) < p
     return torch.where(flip, images.flip(-1), images)
 
 
@@ -87,7 +87,11 @@ def register_augmentations(register):
     register(Augmentation(name="normalize", stage="normalize", fit=fit_standardize,
                           summary="zero mean, unit std per channel (training-split statistics); "
                                   "the default"))
-    register(Augmentation(name="flip", stage="pixels", apply=random_flip,
-                          summary="random horizontal flip, p=0.5, before normalization"))
-    register(Augmentation(name="crop", stage="normalized", apply=random_crop,
-                          summary="zero-pad 4 px after normalization, random 32x32 crop"))
+    register(Augmentation(
+        name="flip", stage="pixels", apply=random_flip,
+        options={"p": Option(0.5, float, range="[0, 1]", help="probability of a flip")},
+        summary="random horizontal flip, p=0.5, before normalization"))
+    register(Augmentation(
+        name="crop", stage="normalized", apply=random_crop,
+        options={"pad": Option(4, int, range="[0, 16]", help="zero padding on each side")},
+        summary="zero-pad (pad=4 px) after normalization, random crop of the original size"))

@@ -16,7 +16,7 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
-from cifarx import Probe, UserError, hookimpl
+from cifarx import Option, OptionError, Probe, UserError, hookimpl
 
 History = Mapping[str, list[tuple[int, float]]]
 
@@ -41,14 +41,12 @@ def named_weight(net: nn.Module, name: str, option: str) -> nn.Parameter:
     module = dict(net.named_modules()).get(name)
     convs = [n for n, _ in layers_of(net, (nn.Conv2d,))]
     if module is None:
-        raise UserError(f"--probe-opt grad-max.{option}={name}: the network has no module "
-                        f"{name!r}; its conv layers: {_some(convs) or 'none'} "
-                        "(see cifarx describe)")
+        raise OptionError(option, f"the network has no module {name!r}; its conv layers: "
+                                  f"{_some(convs) or 'none'} (see cifarx describe)")
     weight = getattr(module, "weight", None)
     if not isinstance(weight, nn.Parameter):
-        raise UserError(f"--probe-opt grad-max.{option}={name}: {name} "
-                        f"({type(module).__name__}) has no weight; its conv layers: "
-                        f"{_some(convs) or 'none'}")
+        raise OptionError(option, f"{name} ({type(module).__name__}) has no weight; its conv "
+                                  f"layers: {_some(convs) or 'none'}")
     return weight
 
 
@@ -69,15 +67,9 @@ def attach_grad_max(net: nn.Module, first: str = "", last: str = ""):
     return read
 
 
-def attach_grad_norm(net: nn.Module, stride: str = "50"):
+def attach_grad_norm(net: nn.Module, stride: int = 50):
     """Every conv and linear layer, at iteration 1 and every ``stride`` iterations."""
-    try:
-        every = int(stride)
-    except ValueError:
-        every = 0
-    if every < 1:
-        raise UserError(f"--probe-opt grad-norm.stride={stride}: expected a whole number of "
-                        "iterations, at least 1")
+    every = stride
     layers = layers_of(net, (nn.Conv2d, nn.Linear))
     if not layers:
         raise UserError("grad-norm: the network has no Conv2d or Linear layer")
@@ -165,11 +157,15 @@ def grad_norm_figure(history: History, snapshots: int = 5):
 def register_probes(register):
     register(Probe(
         name="grad-max", attach=attach_grad_max, figure=grad_max_figure,
-        options={"first": "", "last": ""},
+        options={"first": Option("", str, help="the module of the first layer (default: the "
+                                               "first Conv2d)"),
+                 "last": Option("", str, help="the module of the last layer (default: the "
+                                              "last Conv2d)")},
         summary="G = max|dL/dw| of the first and last conv layers every iteration "
                 "(grad_max/first_conv, grad_max/last_conv); options first=, last= (module names)"))
     register(Probe(
         name="grad-norm", attach=attach_grad_norm, figure=grad_norm_figure,
-        options={"stride": "50"},
+        options={"stride": Option(50, int, range="[1, inf)",
+                                  help="iterations between readings (and iteration 1)")},
         summary="L2 norm of the gradient of every conv and linear layer (grad_norm/<layer>) at "
                 "iteration 1 and every stride=50 iterations; figure: norm per layer depth"))

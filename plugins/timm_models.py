@@ -23,9 +23,10 @@ from pathlib import Path
 
 from torch import nn
 
-from cifarx import Architecture, Family, UserError, hookimpl
+from cifarx import Architecture, Family, Option, OptionError, UserError, hookimpl
 
-OPTIONS = {"pretrained": ""}  # "" random init; "true": timm's weights; or a weights file
+OPTIONS = {"pretrained": Option("", str, help="true: timm's weights (its cache, else online); or "
+                                            "a weights file; not set: random init")}
 LIST_HINT = "list them with: python -c \"import timm; print(timm.list_models('resnet*'))\""
 
 
@@ -122,8 +123,8 @@ def build_pretrained(model_name: str, num_classes: int, in_channels: int,
     else:
         file = Path(pretrained).expanduser()
         if not file.is_file():
-            raise UserError(f"--arch-opt pretrained={pretrained}: no such file; accepted: true "
-                            "(timm's weights, from its cache or online) or a weights file")
+            raise OptionError("pretrained", "no such file; accepted: true (timm's weights, from "
+                                            "its cache or online) or a weights file")
         where = str(file)
     overlay = {"file": str(file)} if file else {}
     try:

@@ -31,7 +31,9 @@ def test_the_part_2_architectures_are_registered_with_their_options():
     for name in ("table1", "convonly", "plain20", "residual"):
         arch = cat.get("architecture", name)
         assert arch.summary
-        assert arch.options["activation"][0] == "relu" and arch.options["init"][0] == "default"
+        assert arch.options["activation"].default == "relu"
+        assert arch.options["activation"].choices == ("relu", "relu6", "leaky_relu", "elu", "silu")
+        assert arch.options["init"].choices == ("default", "he", "xavier")
     assert "timm:*" in cat.names("architecture")
 
 
@@ -146,12 +148,13 @@ def test_table1_keeps_its_shape_and_parameter_count():
 
 def test_describe_shows_the_part_2_nets_and_their_options():
     runner = CliRunner()
-    result = runner.invoke(app, ["describe", "plain20", "--arch-opt", "activation=elu"])
+    result = runner.invoke(app, ["describe", "plain20", "--arch-opt", "activation=elu"],
+                           terminal_width=200)
     assert result.exit_code == 0, result.output
     assert "extra20.conv" in result.stdout and "ELU" in result.stdout
     assert "667,114" in result.stdout  # 25 convs with biases
-    assert "--arch-opt: activation=relu (or relu6, leaky_relu, elu, silu); init=default (or he, " \
-           "xavier)" in result.stdout
+    assert "--arch-opt NAME=VALUE" in result.stdout
+    assert "relu, relu6, leaky_relu," in result.stdout and "default, he, xavier" in result.stdout
     result = runner.invoke(app, ["describe", "residual", "--arch-opt", "init=orthogonal"])
     assert result.exit_code == 2
     assert "accepted: default, he, xavier" in result.stderr

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from cifarx import UserError
-from cifarx.engine import build_pipeline
+from cifarx.config import build_pipeline
 from cifarx.plugins.augmentations import (Scale, Standardize, channel_stats, fit_raw,
                                           fit_standardize, random_crop, random_flip)
 from cifarx.registry import registry

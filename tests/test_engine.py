@@ -5,7 +5,10 @@ import torch
 from torch import nn
 
 from cifarx import Architecture, Probe, UserError, hookimpl
-from cifarx.engine import DEFAULTS, TrainConfig, lr_factor, parse_list, plan, predict, train
+from cifarx.config import TrainConfig, parse_list, plan
+from cifarx.inference import predict
+from cifarx.loop import train
+from cifarx.optim import DEFAULTS, lr_factor
 from cifarx.registry import registry
 
 
@@ -109,16 +112,18 @@ def test_saved_model_takes_pixels_in_0_1_and_normalizes_itself(data_dir):
     assert torch.allclose(model(pixels), by_hand)
     cpu = torch.device("cpu")
     assert torch.allclose(predict(model, data.test_images[:8], cpu, "fp32"), by_hand, atol=1e-5)
+    folded_logits = predict(model, data.test_images[:8], cpu, "fp32", fold=True)
+    assert torch.allclose(folded_logits, by_hand, atol=1e-4)  # the same function, BN folded
     # bf16 autocast: the same logits to bf16's 8-bit mantissa
     assert torch.allclose(predict(model, data.test_images[:8], cpu, "bf16"), by_hand, atol=0.05)
     assert model.classes == data.classes
 
 
 def test_precision_auto_resolves_per_device_and_is_logged(data_dir, monkeypatch):
-    from cifarx import engine
+    from cifarx import inference
 
     for fast, expected in ((True, "bf16"), (False, "fp32")):
-        monkeypatch.setattr(engine, "bf16_is_fast", lambda device, fast=fast: fast)
+        monkeypatch.setattr(inference, "bf16_is_fast", lambda device, fast=fast: fast)
         assert plan(quick(data_dir)).config.precision == expected
         assert plan(quick(data_dir, precision="fp32")).config.precision == "fp32"
         assert plan(quick(data_dir, precision="bf16")).config.precision == "bf16"
@@ -159,7 +164,7 @@ def test_probes_run_after_backward_and_their_values_are_kept(data_dir, register_
 
 
 def test_evaluation_folds_batchnorm_into_a_copy_and_gives_the_same_logits():
-    from cifarx.engine import folded
+    from cifarx.inference import folded
     from cifarx.plugins.architectures import build_table1
 
     net = build_table1()

@@ -1,6 +1,9 @@
-"""Every hook has a test plugin and a section in the README's plugin author guide."""
+"""Every hook has a test plugin and a section in the README's plugin author guide; the CLI,
+TrainConfig and MLproject declare the same options; `--help` stays light."""
 
 from pathlib import Path
+
+import pytest
 
 from cifarx import hookspecs
 from cifarx.plugin_types import KINDS
@@ -8,7 +11,8 @@ from cifarx.plugin_types import KINDS
 from test_registry import EveryKind
 
 HOOKS = {name for name in dir(hookspecs) if name.startswith("register_")}
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
 
 
 def test_every_kind_has_a_hook_and_every_hook_a_kind():
@@ -55,7 +59,7 @@ def test_readme_plugin_examples_run(register_plugin, tmp_path):
     x = torch.rand(4, 3, 32, 32)
     assert cat.get("architecture", "mlp").build()(x).shape == (4, 10)
     assert cat.get("architecture", "mlp:wide").build()(x).shape == (4, 10)
-    noisy = cat.get("augmentation", "noise").apply(x, torch.Generator().manual_seed(0))
+    noisy = cat.get("augmentation", "noise").apply(x, torch.Generator().manual_seed(0), sigma=0.03)
     assert noisy.shape == x.shape and 0 <= noisy.min() and noisy.max() <= 1 and not torch.equal(noisy, x)
 
     np.savez(tmp_path / "images.npz", x_train=np.zeros((6, 3, 8, 8), np.uint8),
@@ -66,7 +70,7 @@ def test_readme_plugin_examples_run(register_plugin, tmp_path):
 
     net = cat.get("architecture", "mlp").build()
     probe = cat.get("probe", "grad-total")
-    assert dict(probe.options) == {"ord": ("2", "inf")}
+    assert probe.options["ord"].choices == ("2", "inf") and probe.options["ord"].default == "2"
     read, read_max = probe.attach(net), probe.attach(net, ord="inf")
     F.cross_entropy(net(x), torch.tensor([0, 1, 2, 3])).backward()
     assert read()["grad_total/l2"] > 0
@@ -80,3 +84,77 @@ def test_readme_plugin_examples_run(register_plugin, tmp_path):
     assert torch.allclose((adv - x).abs().max(), torch.tensor(0.1), atol=1e-6)
     assert result.steps.tolist() == [1] * 4
     assert torch.equal(result.success, net(adv).argmax(1) != labels)
+
+
+# --- one declaration of the train options -------------------------------------------------
+
+def cli_options(command_name: str) -> dict:
+    """A command's options as click sees them: {flag as a name (--batch-size -> batch_size):
+    click parameter}."""
+    import typer.main
+
+    from cifarx.cli import app
+
+    group = typer.main.get_command(app)
+    return {p.opts[0].lstrip("-").replace("-", "_"): p for p in group.commands[command_name].params}
+
+
+# CLI flags that are not training options: where the run is logged, and a shorthand.
+CLI_ONLY = {"experiment", "run_name", "tracking_uri", "pretrained"}
+# TrainConfig field -> the CLI's name for it, where they differ.
+CLI_NAME = {"probes": "probe", "arch_options": "arch_opt", "aug_options": "aug_opt",
+            "probe_options": "probe_opt", "dataset_options": "dataset_opt",
+            "attack_options": "attack_opt"}
+
+
+def test_cli_train_and_trainconfig_declare_the_same_options_and_defaults():
+    import dataclasses
+
+    from cifarx.config import TrainConfig
+
+    options = cli_options("train")
+    fields = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    assert set(options) - CLI_ONLY == {CLI_NAME.get(name, name) for name in fields}
+    for name, default in fields.items():
+        cli_default = options[CLI_NAME.get(name, name)].default
+        if isinstance(default, tuple):  # lists and repeatable flags: empty or a comma list
+            assert (cli_default or ()) in ((), None) if not default else \
+                tuple(cli_default.split(",")) == default, name
+        else:
+            assert cli_default == default, name
+
+
+def test_mlproject_declares_cli_options_with_their_defaults():
+    import yaml
+
+    project = yaml.safe_load((ROOT / "MLproject").read_text())
+    for entry, spec in project["entry_points"].items():
+        options = cli_options(entry)
+        for name, parameter in spec["parameters"].items():
+            assert name in options, f"{entry}: MLproject parameter {name} is not a cifarx option"
+            flag = "--" + name.replace("_", "-")
+            assert f"{flag} {{{name}}}" in spec["command"], f"{entry}: {name} is not passed"
+            if "default" in parameter:
+                default = options[name].default
+                assert str(parameter["default"]) in (str(default), f"{default}.0") or \
+                    (parameter["default"] == "" and not default), (entry, name)
+    # Defaults that depend on the run are left to it: declaring them would override them.
+    train = project["entry_points"]["train"]["parameters"]
+    assert not {"lr", "optimizer", "momentum", "weight_decay", "schedule", "train_split"} & \
+        set(train)
+
+
+# --- start-up -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["attack", "--help"]])
+def test_help_imports_no_torch_mlflow_or_matplotlib(args):
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom cifarx.cli import main\nsys.argv = ['cifarx', *sys.argv[1:]]\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "heavy = [m for m in ('torch', 'mlflow', 'matplotlib') if m in sys.modules]\n"
+            "print('HEAVY', heavy)")
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          timeout=60)
+    assert "HEAVY []" in done.stdout, done.stdout[-500:] + done.stderr[-2000:]

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from mlflow import MlflowClient
 
+from cifarx.config import TrainConfig, plan
 from cifarx.tracking import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,18 +27,21 @@ def env_with(**extra):
 def test_mlflow_run_trains_into_the_run_it_started(data_dir, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     done = subprocess.run(
-        [str(BIN / "mlflow"), "run", str(ROOT), "-e", "train", "-P", "arch=table1",
+        [str(BIN / "mlflow"), "run", str(ROOT), "-e", "train", "-P", "arch=residual",
          "-P", "aug=flip,crop", "-P", "iters=20", "-P", "batch_size=20", "-P", "eval_every=10",
-         "-P", f"data_dir={data_dir}", "-P", "threads=1", "-P", "device=cpu",
-         "--env-manager", "local", "--experiment-name", "project"],
+         "-P", f"data-dir={data_dir}", "-P", "threads=1", "-P", "device=cpu",
+         "-P", "arch-opt=init=he", "--env-manager", "local", "--experiment-name", "project"],
         env=env_with(MLFLOW_TRACKING_URI=uri), cwd=tmp_path, capture_output=True, text=True,
         timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("project").experiment_id])
     assert run.info.status == "FINISHED"
-    assert run.data.tags["cifarx.arch"] == "table1"
+    assert run.data.tags["cifarx.arch"] == "residual"
     assert run.data.params["aug"] == "flip,crop"  # as mlflow run logged it from -P
+    # The architecture's own defaults hold: the same lr as `cifarx train --arch residual`.
+    assert run.data.params["lr"] == str(plan(TrainConfig(arch="residual", device="cpu")).config.lr)
+    assert run.data.params["lr"] == "0.02" and run.data.params["arch.init"] == "he"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "test/acc")] == [10, 20]
     model = load_model(f"runs:/{run.info.run_id}/model", uri)
     assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)

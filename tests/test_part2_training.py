@@ -8,9 +8,10 @@ from typer.testing import CliRunner
 
 from cifarx import Architecture, UserError, hookimpl
 from cifarx.cli import app
-from cifarx.engine import TrainConfig, plan, prepare, run_tags, train
+from cifarx.config import TrainConfig, plan
 from cifarx.errors import Diverged
-from cifarx.tracking import start_run
+from cifarx.loop import assemble, train
+from cifarx.runs import Tracking, train_run
 
 from test_cli import QUICK, one_line_error
 
@@ -27,7 +28,7 @@ def test_options_are_resolved_with_their_defaults_and_logged_as_params(data_dir)
                    probe_options=("grad-norm.stride=2", "grad-max.first=conv2")))
     assert p.arch_options == {"activation": "silu", "init": "default"}
     assert p.probe_options == {"grad-max": {"first": "conv2", "last": ""},
-                               "grad-norm": {"stride": "2"}}
+                               "grad-norm": {"stride": 2}}  # typed by the schema
     assert p.config.arch_options == ("activation=silu", "init=default")
     params = p.params()
     assert params["arch.activation"] == "silu" and params["arch.init"] == "default"
@@ -44,15 +45,16 @@ def test_options_are_resolved_with_their_defaults_and_logged_as_params(data_dir)
     (dict(arch_options=("act=silu",)),
      "--arch-opt act=silu: convonly has no option 'act'; accepted: activation, init"),
     (dict(arch_options=("activation",)),
-     "--arch-opt 'activation': expected name=value, e.g. --arch-opt activation=silu"),
+     "--arch-opt 'activation': expected NAME=VALUE, e.g. --arch-opt pad=4"),
     (dict(arch_options=("init=he", "init=xavier")),
-     "--arch-opt init is given twice ('he' and 'xavier'); give it once"),
+     "--arch-opt init=xavier: init is given twice ('he' and 'xavier'); give it once"),
     (dict(probes=("grad-max",), probe_options=("grad-max.every=3",)),
      "--probe-opt grad-max.every=3: grad-max has no option 'every'; accepted: first, last"),
     (dict(probe_options=("grad-norm.stride=5",)),
-     "--probe-opt grad-norm.stride=5: probe 'grad-norm' is not in --probe (none given); add it"),
+     "--probe-opt grad-norm.stride=5: 'grad-norm' is not among the plugins the run uses (none "
+     "given); add it first"),
     (dict(probes=("grad-max",), probe_options=("stride=5",)),
-     "--probe-opt 'stride=5': expected probe.name=value, e.g. --probe-opt grad-norm.stride=50"),
+     "--probe-opt 'stride=5': expected PLUGIN.NAME=VALUE, e.g. --probe-opt crop.pad=4"),
 ])
 def test_bad_options_are_refused_before_anything_runs(data_dir, overrides, message):
     with pytest.raises(UserError) as caught:
@@ -67,13 +69,14 @@ def test_an_architecture_without_options_refuses_any(data_dir, register_plugin):
             register(Architecture(name="bare", build=lambda **kw: nn.Flatten()))
 
     register_plugin(Bare(), "bare")
-    with pytest.raises(UserError, match="bare has no option 'init'; accepted: none"):
+    with pytest.raises(UserError, match="--arch-opt init=he: bare has no option 'init'; "
+                                        "accepted: none"):
         plan(quick(data_dir, arch="bare", arch_options=("init=he",)))
 
 
 def test_options_reach_the_network(data_dir):
     p = plan(quick(data_dir, arch="convonly", arch_options=("activation=elu",)))
-    net = prepare(p, p.load_data()).model.net
+    net = assemble(p, p.load_data()).model.net
     assert isinstance(net.act1, nn.ELU)
 
 
@@ -85,9 +88,10 @@ def test_options_reach_the_network(data_dir):
     (["--arch", "convonly", "--probe", "grad-max", "--probe-opt", "grad-max.first=conv9"],
      ["no module 'conv9'", "conv1, conv2, conv3, conv4, classifier"]),
     (["--arch", "convonly", "--probe", "grad-norm", "--probe-opt", "grad-norm.stride=0"],
-     ["grad-norm.stride=0: expected a whole number of iterations, at least 1"]),
+     ["--probe-opt grad-norm.stride=0: not accepted by grad-norm; accepted: a whole number in "
+      "[1, inf)"]),
     (["--probe", "grad-max", "--probe-opt", "grad-norm.stride=5"],
-     ["probe 'grad-norm' is not in --probe (grad-max)"]),
+     ["'grad-norm' is not among the plugins the run uses (grad-max)"]),
     (["--probe", "grad-maxx"], ["unknown probe 'grad-maxx'", "grad-max, grad-norm"]),
 ])
 def test_bad_options_through_the_cli_are_one_line_and_open_no_run(data_dir, in_tmp, args,
@@ -106,17 +110,17 @@ def test_train_help_lists_the_part_2_options():
 @pytest.mark.parametrize("arch", ["convonly", "plain20", "residual", "timm:test_resnet"])
 def test_each_architecture_trains_with_the_probes_logged_to_mlflow(arch, data_dir, tracking_uri,
                                                                     in_tmp):
-    p = plan(quick(data_dir, arch=arch, probes=("grad-max", "grad-norm"),
-                   probe_options=("grad-norm.stride=4",)))
-    with start_run(tracking_uri, "part2", arch, run_tags(p)) as run:
-        result = train(p, p.load_data(), run)
+    done = train_run(quick(data_dir, arch=arch, probes=("grad-max", "grad-norm"),
+                           probe_options=("grad-norm.stride=4",)),
+                     Tracking(tracking_uri, "part2", arch))
+    result, run_id = done.result, done.run_id
     client = MlflowClient(tracking_uri)
-    logged = client.get_run(run.id)
+    logged = client.get_run(run_id)
     assert logged.info.status == "FINISHED"
     assert logged.data.params["probe"] == "grad-max,grad-norm"
     assert logged.data.params["probe.grad-norm.stride"] == "4"
     for key in ("grad_max/first_conv", "grad_max/last_conv"):
-        points = client.get_metric_history(run.id, key)
+        points = client.get_metric_history(run_id, key)
         assert sorted(m.step for m in points) == list(range(1, 7))
         assert all(m.value > 0 for m in points)
         assert [v for _, v in result.history[key]] == [m.value for m in
@@ -124,8 +128,8 @@ def test_each_architecture_trains_with_the_probes_logged_to_mlflow(arch, data_di
     norms = [k for k in logged.data.metrics if k.startswith("grad_norm/")]
     convs_and_linears = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in result.model.modules())
     assert len(norms) == convs_and_linears
-    assert sorted(m.step for m in client.get_metric_history(run.id, norms[0])) == [1, 4]
-    figures = {a.path for a in client.list_artifacts(run.id, "figures")}
+    assert sorted(m.step for m in client.get_metric_history(run_id, norms[0])) == [1, 4]
+    figures = {a.path for a in client.list_artifacts(run_id, "figures")}
     assert figures == {"figures/training.png", "figures/grad-max.png", "figures/grad-norm.png"}
     if arch != "timm:test_resnet":
         assert logged.data.params["arch.activation"] == "relu"

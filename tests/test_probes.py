@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cifarx import UserError
+from cifarx import OptionError, UserError
+from cifarx.config import resolve_many
 from cifarx.plugins.architectures import build_convonly
 from cifarx.plugins.probes import (attach_grad_max, attach_grad_norm, grad_max_figure,
                                    grad_norm_figure)
@@ -86,14 +87,14 @@ def test_grad_max_skips_a_layer_without_gradient():
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(first="conv9"), "grad-max.first=conv9: the network has no module 'conv9'; its conv "
+    (dict(first="conv9"), "the network has no module 'conv9'; its conv "
                           "layers: conv1, conv2, conv3, conv4, classifier"),
-    (dict(last="pool1"), "grad-max.last=pool1: pool1 (AvgPool2d) has no weight"),
+    (dict(last="pool1"), "pool1 (AvgPool2d) has no weight"),
 ])
 def test_grad_max_names_what_exists_when_a_layer_is_wrong(options, message):
-    with pytest.raises(UserError) as caught:
+    with pytest.raises(OptionError) as caught:  # the caller adds the flag: see test_part2
         attach_grad_max(build_convonly(), **options)
-    assert message in str(caught.value)
+    assert caught.value.option == next(iter(options)) and message in caught.value.message
 
 
 def test_grad_max_on_a_net_without_convs_needs_the_layer_names():
@@ -107,7 +108,7 @@ def test_grad_max_on_a_net_without_convs_needs_the_layer_names():
 
 def test_grad_norm_reports_every_layer_on_its_stride():
     net = build_convonly()
-    read = attach_grad_norm(net, stride="3")
+    read = attach_grad_norm(net, stride=3)
     logged = {}
     for step in range(1, 8):
         net.zero_grad()
@@ -123,15 +124,18 @@ def test_grad_norm_reports_every_layer_on_its_stride():
 
 @pytest.mark.parametrize("stride", ["0", "-5", "ten", "2.5"])
 def test_grad_norm_refuses_a_bad_stride(stride):
-    with pytest.raises(UserError, match=f"grad-norm.stride={stride}: expected a whole number"):
-        attach_grad_norm(build_convonly(), stride=stride)
+    probe = catalog().get("probe", "grad-norm")
+    with pytest.raises(UserError, match=f"--probe-opt grad-norm.stride={stride}: not accepted by "
+                                        r"grad-norm; accepted: a whole number in \[1, inf\)"):
+        resolve_many("probe", [probe], [f"grad-norm.stride={stride}"])
 
 
 def test_probes_are_registered_with_their_options_and_figures():
     cat = catalog()
     grad_max, grad_norm = cat.get("probe", "grad-max"), cat.get("probe", "grad-norm")
-    assert dict(grad_max.options) == {"first": "", "last": ""} and grad_max.figure
-    assert dict(grad_norm.options) == {"stride": "50"} and grad_norm.figure
+    assert {k: o.default for k, o in grad_max.options.items()} == {"first": "", "last": ""}
+    assert grad_norm.options["stride"].default == 50 and grad_norm.options["stride"].type is int
+    assert grad_max.figure and grad_norm.figure
 
 
 def test_grad_max_figure_draws_both_curves_on_a_log_scale_and_counts_zeros():

@@ -193,3 +193,171 @@ def test_augmentation_checks_its_stage_and_callable():
         Augmentation(name="x", stage="normalize", apply=lambda x, g: x)
     with pytest.raises(ValueError, match="needs apply="):
         Augmentation(name="x", stage="pixels")
+
+
+TYPO_PLUGIN = '''
+    from torch import nn
+    from cifarx import Architecture, hookimpl
+
+    @hookimpl
+    def register_architecture(register):  # no s: no hookspec has this name
+        register(Architecture(name="typo-arch", build=lambda **kw: nn.Flatten()))
+
+    @hookimpl
+    def register_augmentations(register):  # a valid hook: it still loads
+        from cifarx import Augmentation
+        register(Augmentation(name="typo-aug", stage="pixels", apply=lambda x, g: x))
+
+    @hookimpl
+    def setup_everything(register):
+        pass
+'''
+
+
+def test_a_misspelled_hook_is_one_problem_naming_the_package_and_the_valid_hooks(tmp_path,
+                                                                                  monkeypatch):
+    make_dist(tmp_path / "typo", "cifarx-typo", "typo_plugin", TYPO_PLUGIN)
+    activate(tmp_path / "typo", monkeypatch)
+    make_dist(tmp_path / "typo2", "cifarx-typo-two", "typo_two_plugin", '''
+        from cifarx import hookimpl
+
+        @hookimpl
+        def register_probe(register):
+            pass
+    ''')
+    activate(tmp_path / "typo2", monkeypatch)
+    make_dist(tmp_path / "good", "cifarx-good", "good_plugin",
+              ARCH_PLUGIN.format(name="good", package="cifarx-good"))
+    activate(tmp_path / "good", monkeypatch)
+    cat = loaded().catalog()
+
+    [typo] = [p for p in cat.problems if p.startswith("plugin package cifarx-typo: ")]
+    assert "\n" not in typo
+    assert "unknown hooks 'register_architecture' (did you mean 'register_architectures'?)" in typo
+    assert "'setup_everything'" in typo
+    assert ("the hooks are register_architectures, register_attacks, register_augmentations, "
+            "register_datasets, register_probes") in typo
+    # one bad package does not hide another
+    assert any("cifarx-typo-two" in p and "'register_probe' (did you mean 'register_probes'?)" in p
+               for p in cat.problems)
+    assert len(cat.problems) == 2
+    # its valid hooks load, and so does everything else
+    assert "typo-aug" in cat.names("augmentation") and "typo-arch" not in cat.names("architecture")
+    assert cat.get("architecture", "good") and cat.get("architecture", "table1")
+
+
+def test_an_optional_hook_without_a_spec_is_not_a_problem(register_plugin):
+    class Optional:
+        @hookimpl(optionalhook=True)
+        def register_later(self, register):
+            pass
+
+    register_plugin(Optional(), "optional")
+    assert not [p for p in registry().catalog().problems if "optional" in p]
+
+
+def test_a_hookimpl_with_a_wrong_argument_is_a_one_line_problem(tmp_path, monkeypatch):
+    make_dist(tmp_path, "cifarx-args", "args_plugin", '''
+        from cifarx import hookimpl
+
+        @hookimpl
+        def register_architectures(reg):
+            pass
+    ''')
+    activate(tmp_path, monkeypatch)
+    [problem] = loaded().catalog().problems
+    assert "cifarx-args" in problem and "PluginValidationError" in problem and "\n" not in problem
+
+
+@pytest.mark.parametrize("value", ["cifarx-two, cifarx-one", " cifarx_two ,cifarx-one,",
+                                   "cifarx-two,, cifarx-one "])
+def test_allow_list_strips_spaces_around_names(tmp_path, monkeypatch, value):
+    import cifarx.registry as reg_module
+
+    for package, module in (("cifarx-one", "one_plugin"), ("cifarx-two", "two_plugin")):
+        make_dist(tmp_path / package, package, module,
+                  ARCH_PLUGIN.format(name=package, package=package))
+        activate(tmp_path / package, monkeypatch)
+    monkeypatch.setattr(reg_module, "_registry", None)
+    monkeypatch.setenv("CIFARX_LOAD_PLUGINS", value)
+    cat = reg_module.catalog()
+    assert {"cifarx-one", "cifarx-two"} <= set(cat.names("architecture"))
+    assert not cat.problems
+
+
+def test_parse_allow():
+    from cifarx.registry import parse_allow
+
+    assert parse_allow(None) is None
+    assert parse_allow("") == set() == parse_allow(" , ")
+    assert parse_allow(" Pkg.A , pkg_b") == {"pkg-a", "pkg-b"}
+
+
+def test_a_clash_between_third_party_packages_says_uninstall_or_limit_the_allow_list(tmp_path,
+                                                                                     monkeypatch):
+    for package, module in (("cifarx-one", "one_plugin"), ("cifarx-two", "two_plugin")):
+        make_dist(tmp_path / package, package, module,
+                  ARCH_PLUGIN.format(name="same", package=package), version="1.2")
+        activate(tmp_path / package, monkeypatch)
+    cat = loaded().catalog()
+    advice = cat.clash_advice("architecture", "same")
+    assert advice.startswith("architecture 'same' is registered by more than one package (")
+    assert "cifarx-one 1.2" in advice and "cifarx-two 1.2" in advice
+    assert "uninstall all but one of them, or set CIFARX_LOAD_PLUGINS" in advice
+    with pytest.raises(UserError) as raised:
+        cat.get("architecture", "same")
+    assert str(raised.value) == advice
+    with pytest.raises(UserError, match="registered by more than one package"):
+        cat.origin("architecture", "same")
+    # and the allow list does resolve it
+    only_one = loaded(allow={"cifarx-one"}).catalog()
+    assert only_one.origin("architecture", "same") == ("cifarx-one", "1.2")
+
+
+def test_a_clash_with_a_builtin_says_rename_as_the_allow_list_cannot_pick_the_builtin(tmp_path,
+                                                                                      monkeypatch):
+    make_dist(tmp_path, "cifarx-bad", "bad_plugin",
+              ARCH_PLUGIN.format(name="table1", package="cifarx-bad"))
+    activate(tmp_path, monkeypatch)
+    cat = loaded().catalog()
+    assert ("architecture", "table1") in cat.clashes()
+    advice = cat.clash_advice("architecture", "table1")
+    assert "cifarx-bad must rename it" in advice
+    assert "a plugin cannot reuse a built-in's name" in advice
+    assert "uninstall cifarx-bad" in advice and "uninstall all but one" not in advice
+    with pytest.raises(UserError, match="cifarx-bad must rename it"):
+        cat.get("architecture", "table1")
+
+
+def test_a_package_registering_one_name_twice_is_told_to_rename(register_plugin):
+    class Twice:
+        @hookimpl
+        def register_architectures(self, register):
+            register(Architecture(name="twice", build=nn.Flatten))
+            register(Architecture(name="twice", build=nn.Flatten))
+
+    register_plugin(Twice(), "twice-package")
+    advice = registry().catalog().clash_advice("architecture", "twice")
+    assert advice == ("architecture 'twice' is registered more than once by twice-package; "
+                      "twice-package must rename all but one of them")
+
+
+def test_origin_is_the_package_and_version_a_name_resolves_to(tmp_path, monkeypatch):
+    make_dist(tmp_path, "cifarx-zoo", "zoo_plugin", '''
+        from torch import nn
+        from cifarx import Architecture, Family, hookimpl
+
+        @hookimpl
+        def register_architectures(register):
+            register(Architecture(name="exact", build=lambda **kw: nn.Flatten()))
+            register(Family(prefix="zoo:", resolve=lambda rest: Architecture(
+                name=rest, build=lambda **kw: nn.Flatten())))
+    ''', version="3.1")
+    activate(tmp_path, monkeypatch)
+    cat = loaded().catalog()
+    assert cat.origin("architecture", "exact") == ("cifarx-zoo", "3.1")
+    assert cat.origin("architecture", "zoo:anything") == ("cifarx-zoo", "3.1")
+    package, version = cat.origin("architecture", "table1")
+    assert package == "cifarx" and version
+    with pytest.raises(UserError, match="unknown architecture 'nope'"):
+        cat.origin("architecture", "nope")

@@ -7,7 +7,8 @@ from mlflow import MlflowClient
 from torch import nn
 
 from cifarx import Architecture, Probe, UserError, hookimpl
-from cifarx.engine import TrainConfig, plan, run_tags, train
+from cifarx.config import TrainConfig
+from cifarx.runs import Tracking, train_run
 from cifarx.tracking import MetricLog, Run, load_model, requirements_for, start_run
 
 
@@ -18,10 +19,8 @@ def quick(data_dir, **overrides):
 
 
 def tracked(config, uri, name="test"):
-    p = plan(config)
-    with start_run(uri, "tests", name, run_tags(p)) as run:
-        result = train(p, p.load_data(), run)
-    return run.id, result
+    done = train_run(config, Tracking(uri, "tests", name))
+    return done.run_id, done.result
 
 
 def test_a_run_logs_params_tags_metrics_figure_model_and_dataset(data_dir, tracking_uri, in_tmp):
@@ -155,3 +154,49 @@ def test_unknown_models_are_user_errors(tracking_uri, tmp_path):
         load_model("runs:/0123456789abcdef0123456789abcdef/model", tracking_uri)
     with pytest.raises(UserError, match="no MLflow model there"):
         load_model(str(tmp_path), tracking_uri)
+
+
+def test_a_run_records_which_package_supplied_each_plugin(data_dir, tracking_uri, in_tmp):
+    run_id, _ = tracked(quick(data_dir, iters=2, probes=("grad-max",)), tracking_uri)
+    tags = MlflowClient(tracking_uri).get_run(run_id).data.tags
+    version = importlib.metadata.version("cifarx")
+    for kind, name in (("architecture", "table1"), ("augmentation", "crop"),
+                       ("augmentation", "normalize"), ("dataset", "cifar10"),
+                       ("probe", "grad-max")):
+        assert tags[f"cifarx.plugin.{kind}.{name}"] == f"cifarx=={version}"
+
+
+def test_a_run_with_a_parent_is_its_child(tracking_uri, in_tmp):
+    with start_run(tracking_uri, "nested", "parent") as parent:
+        pass
+    with start_run(tracking_uri, "nested", "child", parent=parent.id) as child:
+        pass
+    run = MlflowClient(tracking_uri).get_run(child.id)
+    assert run.data.tags["mlflow.parentRunId"] == parent.id and child.id != parent.id
+
+
+def test_a_run_opened_while_another_is_active_is_a_nested_child(tracking_uri, in_tmp):
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment("nested")
+    with mlflow.start_run() as outer:
+        with start_run(tracking_uri, "nested", "inner") as inner:
+            assert mlflow.active_run().info.run_id == inner.id
+        assert mlflow.active_run().info.run_id == outer.info.run_id  # the caller's run is back
+    client = MlflowClient(tracking_uri)
+    assert inner.id != outer.info.run_id
+    assert client.get_run(inner.id).data.tags["mlflow.parentRunId"] == outer.info.run_id
+    assert client.get_run(inner.id).info.status == "FINISHED"
+
+
+def test_under_mlflow_run_a_child_run_is_new_not_the_outer_one(tracking_uri, in_tmp,
+                                                               monkeypatch):
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name("outer")
+    experiment = found.experiment_id if found else client.create_experiment("outer")
+    outer = client.create_run(experiment).info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", outer)
+    with start_run(tracking_uri, "outer", "trial", parent=outer) as child:
+        pass
+    assert child.id != outer
+    assert client.get_run(child.id).data.tags["mlflow.parentRunId"] == outer
+    assert client.get_run(outer).info.status == "RUNNING"  # the outer run is mlflow run's to end
