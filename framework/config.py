@@ -163,13 +163,15 @@ def parse_list(text: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(i.strip() for i in items if i.strip()))
 
 
-def resolve_plugin_options(kind: str, plugin, texts, label_flag: str | None = None
-                           ) -> dict[str, Any]:
-    """One plugin's options from ``NAME=VALUE`` texts, checked, defaults filled."""
-    flag = label_flag or OPTION_FLAGS[kind][0]
+def resolve_plugin_options(kind: str, plugin, texts, label=None) -> dict[str, Any]:
+    """One plugin's options from ``NAME=VALUE`` texts, checked, defaults filled.
+
+    ``label(name)`` names the flag that set an option in messages (default: the kind's
+    ``--<kind>-opt NAME``; ``cifarx attack`` passes its own flags, ``--eps``)."""
+    flag = OPTION_FLAGS[kind][0]
     given = opts.parse_assignments(flag, list(texts), None)[None]
     return opts.resolve(plugin.name, plugin.options, given,
-                        lambda name: opts.flag_label(flag, None, name))
+                        label or (lambda name: opts.flag_label(flag, None, name)))
 
 
 def resolve_many(kind: str, plugins, texts) -> dict[str, dict[str, Any]]:
@@ -272,9 +274,13 @@ def plan(config: TrainConfig, catalog: Catalog | None = None) -> Plan:
     if config.threads is not None and config.threads < 1:
         raise UserError(f"--threads must be at least 1, got {config.threads}")
     attack, attack_options, adv_ratio, adv_per_batch = adversarial_training(catalog, config)
-    texts = lambda values: tuple(f"{k}={opts.show(v)}" for k, v in values.items())  # noqa: E731
+    # The resolved options as texts that plan the same run again (config.json); unset ones
+    # (None) are left out, as "target=" would read back as empty text.
+    texts = lambda values: tuple(f"{k}={opts.show(v)}" for k, v in values.items()  # noqa: E731
+                                 if v is not None)
     nested = lambda by_plugin: tuple(f"{p}.{k}={opts.show(v)}"  # noqa: E731
-                                     for p, values in by_plugin.items() for k, v in values.items())
+                                     for p, values in by_plugin.items()
+                                     for k, v in values.items() if v is not None)
     resolved = replace(
         config, aug=tuple(pipeline.names), probes=tuple(p.name for p in probes),
         train_split=split, arch_options=texts(arch_options),

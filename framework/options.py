@@ -100,18 +100,30 @@ def interval(text: str) -> tuple[float, float, bool, bool]:
 
 
 def show(value: Any) -> str:
-    """A value as the user would type it."""
+    """A value as the user would type it; a float in full (``repr``), so that what is logged
+    and saved in config.json reads back as the same number."""
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, float):
-        return f"{value:g}"
+        return repr(value)
     return "" if value is None else str(value)
+
+
+def brief(value: Any) -> str:
+    """A value for people to read: ``8/255`` for a multiple of 1/255, else short."""
+    if isinstance(value, float) and not value.is_integer() and \
+            abs(value * 255 - round(value * 255)) < 1e-9:
+        return f"{round(value * 255)}/255"
+    return f"{value:g}" if isinstance(value, float) else show(value)
 
 
 def parse_number(text: str) -> float:
     """``"0.1"``, ``"1e-3"`` or a fraction ``"8/255"`` -> float; ValueError otherwise."""
     top, slash, bottom = text.partition("/")
-    value = float(top) / float(bottom) if slash else float(text)
+    try:
+        value = float(top) / float(bottom) if slash else float(text)
+    except ZeroDivisionError:
+        raise ValueError(text) from None
     if math.isnan(value):
         raise ValueError(text)
     return value
@@ -133,13 +145,14 @@ def convert(option: Option, value: Any) -> Any:
                 value = int(text)
             else:
                 value = parse_number(text)
-        except (ValueError, ZeroDivisionError):
+        except ValueError:
             raise problem from None
     elif kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     elif kind is int and isinstance(value, float) and value.is_integer():
         value = int(value)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)) or \
+            (kind is float and math.isnan(value)):
         raise problem
     if option.choices and value not in option.choices:
         raise problem
@@ -173,13 +186,14 @@ def parse_assignments(flag: str, texts: list[str] | tuple[str, ...], plugins: li
         try:
             key, value = split_assignment(text)
         except ValueError:
-            raise UserError(f"{flag} {text!r}: expected {example}, e.g. {flag} "
-                            f"{'pad' if plugins is None else 'crop.pad'}=4") from None
+            raise UserError(f"{flag} {text!r}: expected {example} (`cifarx describe` lists a "
+                            "plugin's options)") from None
         plugin = None
         if plugins is not None:
             plugin, dot, key = key.rpartition(".")
             if not dot or not plugin or not key:
-                raise UserError(f"{flag} {text!r}: expected {example}, e.g. {flag} crop.pad=4")
+                raise UserError(f"{flag} {text!r}: expected {example} (`cifarx describe` lists "
+                                "a plugin's options)")
             if plugin not in found:
                 raise UserError(f"{flag} {text}: {plugin!r} is not among the plugins the run "
                                 f"uses ({', '.join(found) or 'none given'}); add it first")
@@ -236,5 +250,5 @@ def params(prefix: str, values: Mapping[str, Any]) -> dict[str, Any]:
 
 def describe(declared: Mapping[str, Option]) -> list[tuple[str, str, str, str]]:
     """(name, default, accepted, help) rows for ``cifarx describe``."""
-    return [(name, show(o.default) if o.default not in (None, "") else "(not set)",
+    return [(name, brief(o.default) if o.default not in (None, "") else "(not set)",
              o.accepted(), o.help) for name, o in declared.items()]

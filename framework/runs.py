@@ -22,7 +22,7 @@ from .data import resolve_data_dir, resolve_device
 from .errors import Diverged, UserError
 from .evaluation import Report, confusion
 from .inference import predict, resolve_precision
-from .options import OptionError, flag_label, reword
+from .options import OptionError, flag_label, params as option_params, reword
 from .plugin_types import ImageData
 from .registry import Catalog, catalog as default_catalog
 from .tracking import (DEFAULT_EXPERIMENT, Run, data_digest, git_commit, load_model,
@@ -241,7 +241,7 @@ def evaluate_run(config: EvaluateConfig, tracking: Tracking = Tracking(),
         report = confusion(logits, data.test_labels.to(device), data.classes)
         run.log_params({"model": config.model, "dataset": dataset.name, "precision": precision,
                         "device": str(device), "data_dir": str(resolve_data_dir(config.data_dir)),
-                        **{f"dataset.{k}": v for k, v in values.items() if v not in (None, "")}})
+                        **option_params("dataset", values)})
         now = int(time.time() * 1000)
         points = [("test/acc", report.accuracy, 0, now), ("test/loss", report.loss, 0, now)]
         points += [(f"test/acc/{name}", value, 0, now) for name, value in report.per_class.items()]
@@ -298,7 +298,7 @@ def attack_run(config: AttackConfig, tracking: Tracking = Tracking(),
         raise UserError(f"--batch-size must be at least 1, got {config.batch_size}")
     label = lambda name: config.option_flags.get(name) or flag_label(  # noqa: E731
         "--attack-opt", None, name)
-    values = resolve_plugin_options("attack", attack, config.attack_options)
+    values = resolve_plugin_options("attack", attack, config.attack_options, label)
     device = resolve_device(config.device)
     uri = tracking.resolved_uri
     model = adversarial.for_attack(load_model(config.model, uri, device))
@@ -320,13 +320,13 @@ def attack_run(config: AttackConfig, tracking: Tracking = Tracking(),
     tags = run_tags(device, catalog, [("attack", attack.name), ("dataset", dataset.name)],
                     attack=attack.name, model_uri=config.model, dataset=dataset.name,
                     source_run=source_run_id(config.model))
-    params = {"attack": attack.name, **{f"attack.{k}": v for k, v in values.items()},
+    params = {"attack": attack.name, **option_params("attack", values),
               "model": config.model, "dataset": dataset.name,
               "data_dir": str(resolve_data_dir(config.data_dir)),
               "images": len(indices), "selection": how[0] if how[0] == "all"
               else f"{how[0]}={how[1]}", "seed": config.seed, "batch_size": config.batch_size,
               "device": str(device), "threads": torch.get_num_threads(),
-              **{f"dataset.{k}": v for k, v in dataset_values.items() if v not in (None, "")}}
+              **option_params("dataset", dataset_values)}
     images, labels = data.test_images[indices], data.test_labels[indices]
     name = tracking.run_name or f"{attack.name} {config.model}"
     with start_run(uri, tracking.experiment, name, tags, tracking.parent) as run:

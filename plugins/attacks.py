@@ -29,7 +29,7 @@ def aims(target: int | str | None, labels: Tensor, classes: int) -> Tensor | Non
         return None
     if target == "next":
         return (labels + 1) % classes
-    if target >= classes:
+    if not 0 <= target < classes:
         raise OptionError("target", f"the model has classes 0 to {classes - 1}")
     return torch.full_like(labels, target)
 

@@ -203,9 +203,6 @@ def test_bad_attack_input_is_one_line_and_opens_no_run(models, data_dir, trackin
     assert len(runs_in(tracking_uri)) == before
 
 
-FLAG_BUG = pytest.mark.xfail(strict=True, reason="runs.attack_run resolves the options with "
-                             "resolve_plugin_options, which ignores AttackConfig.option_flags: "
-                             "the message names --attack-opt NAME where the user typed --NAME")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -215,7 +212,6 @@ FLAG_BUG = pytest.mark.xfail(strict=True, reason="runs.attack_run resolves the o
     (["--attack", "pgd", "--steps", "0"], refused("--steps", "0", "pgd", f"{WHOLE} in [1, inf)")),
     (["--attack", "fgsm", "--alpha", "1/255"], no_option("--alpha", "1/255", "fgsm", "eps")),
 ])
-@FLAG_BUG
 def test_an_attack_flag_is_named_in_its_message(models, data_dir, tracking_uri, args, message):
     one_line_error(attack(models, data_dir, tracking_uri, *args), f"cifarx: error: {message}")
 
@@ -269,7 +265,6 @@ def test_attack_run_and_transfer_run_from_python(models, data_dir, tracking_uri,
     assert transfer.data.params[f"model.{models[1][:8]}"] == target
 
 
-@FLAG_BUG
 def test_attack_config_option_flags_name_the_flag_in_messages(models, data_dir, tracking_uri):
     from cifarx.errors import UserError
     from cifarx.runs import AttackConfig, attack_run

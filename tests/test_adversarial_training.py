@@ -155,12 +155,8 @@ def test_adversarial_training_repeats_for_a_seed_and_trains(data_dir):
     assert a.test_acc > 0.3  # ten classes: chance is 0.1
 
 
-PRECISION_BUG = pytest.mark.xfail(strict=True, reason="options.show formats floats with :g (6 "
-                                  "significant digits): Plan.params() and the resolved config's "
-                                  "attack_options record eps=4/255 as 0.0156863")
 
 
-@PRECISION_BUG
 def test_attack_params_and_the_resolved_config_keep_the_exact_values(data_dir):
     p = plan(quick(data_dir, adv_train="pgd", attack_options=("eps=4/255",)))
     assert float(p.params()["attack.eps"]) == 4 / 255

@@ -45,7 +45,7 @@ def test_options_are_resolved_with_their_defaults_and_logged_as_params(data_dir)
     (dict(arch_options=("act=silu",)),
      "--arch-opt act=silu: convonly has no option 'act'; accepted: activation, init"),
     (dict(arch_options=("activation",)),
-     "--arch-opt 'activation': expected NAME=VALUE, e.g. --arch-opt pad=4"),
+     "--arch-opt 'activation': expected NAME=VALUE (`cifarx describe` lists a plugin's options)"),
     (dict(arch_options=("init=he", "init=xavier")),
      "--arch-opt init=xavier: init is given twice ('he' and 'xavier'); give it once"),
     (dict(probes=("grad-max",), probe_options=("grad-max.every=3",)),
@@ -54,7 +54,8 @@ def test_options_are_resolved_with_their_defaults_and_logged_as_params(data_dir)
      "--probe-opt grad-norm.stride=5: 'grad-norm' is not among the plugins the run uses (none "
      "given); add it first"),
     (dict(probes=("grad-max",), probe_options=("stride=5",)),
-     "--probe-opt 'stride=5': expected PLUGIN.NAME=VALUE, e.g. --probe-opt crop.pad=4"),
+     "--probe-opt 'stride=5': expected PLUGIN.NAME=VALUE (`cifarx describe` lists a plugin's "
+     "options)"),
 ])
 def test_bad_options_are_refused_before_anything_runs(data_dir, overrides, message):
     with pytest.raises(UserError) as caught:
