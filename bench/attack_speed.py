@@ -66,8 +66,8 @@ def main():
     options = cfg.resolve_plugin_options("attack", chosen, [f"eps={args.eps}"])
     attack = chosen.build(model, **options)
     predicted = inference.predict(model, data.test_images, device).cpu().argmax(1)
-    indices = adversarial.choose(predicted, data.test_labels, data.classes,
-                                 ("count", args.images), args.seed)
+    indices, _ = adversarial.choose(predicted, data.test_labels, data.classes,
+                                    ("count", args.images), args.seed)
     images, labels = data.test_images[indices], data.test_labels[indices]
     print(f"{chosen.name} {options} on {len(indices)} correctly classified test images; model: "
           f"{source}; {device}, {args.threads} threads", flush=True)

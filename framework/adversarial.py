@@ -29,6 +29,7 @@ SET_KEYS = ("images", "adv_images", "labels", "targets", "adv_labels", "adv_conf
             "steps", "success", "linf", "l2", "indices", "classes", "attack", "model_uri")
 FIGURE_IMAGES = 20  # the assignment's 2 per class: 20 originals and 20 adversarial images
 TABLE_IMAGES = 40  # per-image rows printed up to this many images
+REPLACE_LIMIT = 10  # spares tried in place of one image that fails (--per-class)
 
 def resolve_target(value: Any, classes: tuple[str, ...], flag: str = "--target"
                    ) -> int | str | None:
@@ -148,8 +149,9 @@ def check_training_attack(model: nn.Module, attack: Attack, options: dict[str, A
 
 
 def choose(predicted: Tensor, labels: Tensor, classes: tuple[str, ...], how: tuple[str, int],
-           seed: int, skip_class: int | None = None) -> Tensor:
-    """Indices of test images the model classifies correctly, grouped by class.
+           seed: int, skip_class: int | None = None) -> tuple[Tensor, dict[int, Tensor]]:
+    """Indices of test images the model classifies correctly, grouped by class; and for
+    ``--per-class``, the spare candidates of each class, in order (see :func:`attack_images`).
 
     The images are taken in a random order fixed by ``seed``. ``skip_class`` leaves out the
     class a targeted attack aims at (its images need no attack).
@@ -171,6 +173,7 @@ def choose(predicted: Tensor, labels: Tensor, classes: tuple[str, ...], how: tup
                             else f"--per-class {n}: the model classifies no test image of class "
                             f"{classes[fewest]!r} correctly")
         chosen = torch.cat([pools[c][:n] for c in wanted])
+        spares = {c: pools[c][n:] for c in wanted}
     elif kind == "count":
         if len(candidates) < n:
             raise UserError(f"--count {n}: the model classifies only {len(candidates)} test "
@@ -180,7 +183,8 @@ def choose(predicted: Tensor, labels: Tensor, classes: tuple[str, ...], how: tup
         chosen = candidates
         if not len(chosen):
             raise UserError("--all-test: the model classifies no test image correctly")
-    return chosen[torch.sort(labels[chosen], stable=True).indices]
+    return chosen[torch.sort(labels[chosen], stable=True).indices], \
+        spares if kind == "per_class" else {}
 
 
 def generate(attack: Callable[..., AttackResult], images: Tensor, labels: Tensor,
@@ -205,6 +209,48 @@ def generate(attack: Callable[..., AttackResult], images: Tensor, labels: Tensor
         results.append(result)
     sync()
     return results, time.perf_counter() - start
+
+
+def merge(results: list[AttackResult]) -> AttackResult:
+    """The batches' results as one, on the CPU."""
+    def cat(name):
+        parts = [getattr(r, name) for r in results]
+        return None if parts[0] is None else torch.cat([p.detach().cpu() for p in parts])
+    return AttackResult(cat("images"), cat("steps"), cat("success"), cat("targets"), cat("start"))
+
+
+def attack_images(attack: Callable[..., AttackResult], images: Tensor, labels: Tensor,
+                  chosen: Tensor, spares: dict[int, Tensor], device: torch.device,
+                  batch_size: int, seed: int) -> tuple[AttackResult, Tensor, int, float]:
+    """Attack the test images ``chosen``; while an image fails and its class has spares, attack
+    the next spare in its place (at most ``REPLACE_LIMIT`` per image), so that the set holds as
+    many successes per class as the model allows. An image still failing stays, as a failure.
+
+    Returns (the result, on the CPU, one row per kept image; the kept test indices; how many
+    images were replaced; seconds spent attacking).
+    """
+    indices = chosen.clone()
+    result, seconds = generate(attack, images[indices], labels[indices], device, batch_size, seed)
+    result = merge(result)
+    used = {c: 0 for c in spares}
+    replaced, tries = 0, torch.zeros(len(indices), dtype=torch.long)
+    while True:
+        slots = []
+        for i in (~result.success).nonzero().flatten().tolist():
+            c = int(labels[indices[i]])
+            if c in spares and used[c] < len(spares[c]) and tries[i] < REPLACE_LIMIT:
+                indices[i], used[c], tries[i] = spares[c][used[c]], used[c] + 1, tries[i] + 1
+                slots.append(i)
+        if not slots:
+            return result, indices, replaced, seconds
+        slots = torch.tensor(slots)
+        more, spent = generate(attack, images[indices[slots]], labels[indices[slots]], device,
+                               batch_size, seed + replaced + 1)
+        more = merge(more)
+        for name in ("images", "steps", "success", "targets", "start"):
+            if getattr(result, name) is not None:
+                getattr(result, name)[slots] = getattr(more, name)
+        replaced, seconds = replaced + len(slots), seconds + spent
 
 
 def make_set(model: nn.Module, results: list[AttackResult], images: Tensor, labels: Tensor,

@@ -411,6 +411,10 @@ def attack(
         show_default=False)] = None,
     all_test: Annotated[bool, typer.Option(
         "--all-test", help="Attack every correctly classified test image.")] = False,
+    replace: Annotated[bool, typer.Option(
+        "--replace/--no-replace", help="With --per-class: attack the next image of its class in "
+        "place of one that fails (up to 10 times), so that each class gets its successes; "
+        "replacements are counted in attack/replaced.")] = True,
     batch_size: Annotated[int, typer.Option(help="Images attacked at once.")] = 500,
     dataset: DatasetName = "cifar10",
     dataset_opt: DatasetOpt = None,
@@ -434,7 +438,8 @@ def attack(
     config = runs.AttackConfig(
         model=model, attack=attack_name, attack_options=texts + tuple(attack_opt or ()),
         option_flags={n: ATTACK_FLAGS[n] for n, v in given.items() if v is not None},
-        per_class=per_class, count=count, all_test=all_test, batch_size=batch_size,
+        per_class=per_class, count=count, all_test=all_test, replace=replace,
+        batch_size=batch_size,
         dataset=dataset, data_dir=str(data_dir) if data_dir else None,
         dataset_options=tuple(dataset_opt or ()), device=device, seed=seed)
 
@@ -453,6 +458,10 @@ def attack(
               f"L-inf mean {m['attack/linf_mean'] * 255:.2f}/255 max "
               f"{m['attack/linf_max'] * 255:.2f}/255, L2 mean {m['attack/l2_mean']:.3f} max "
               f"{m['attack/l2_max']:.3f}, in {duration(m['attack/seconds'])}", soft_wrap=True)
+    if m["attack/replaced"]:
+        out.print(f"replaced {int(m['attack/replaced'])} image(s) that failed by the next "
+                  "correctly classified image of their class (--no-replace keeps them)",
+                  highlight=False, soft_wrap=True)
     out.print(f"run {done.run_id}  set {SET_ARTIFACT}  figure figures/adversarial.png",
               highlight=False, soft_wrap=True)
     _open_hint(tracking_uri, done.experiment_id, done.run_id)

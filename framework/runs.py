@@ -270,6 +270,7 @@ class AttackConfig:
     per_class: int | None = None
     count: int | None = None
     all_test: bool = False
+    replace: bool = True  # --per-class: an image that fails is replaced by the next of its class
     batch_size: int = 500
     dataset: str = "cifar10"
     data_dir: str | None = None
@@ -315,7 +316,10 @@ def attack_run(config: AttackConfig, tracking: Tracking = Tracking(),
     fixed = values.get("target")
     skip = fixed if isinstance(fixed, int) and not isinstance(fixed, bool) else None
     predicted = predict(model, data.test_images, device).argmax(1).cpu()
-    indices = adversarial.choose(predicted, data.test_labels, classes, how, config.seed, skip)
+    indices, spares = adversarial.choose(predicted, data.test_labels, classes, how, config.seed,
+                                         skip)
+    if not config.replace:
+        spares = {}
 
     tags = run_tags(device, catalog, [("attack", attack.name), ("dataset", dataset.name)],
                     attack=attack.name, model_uri=config.model, dataset=dataset.name,
@@ -325,18 +329,20 @@ def attack_run(config: AttackConfig, tracking: Tracking = Tracking(),
               "data_dir": str(resolve_data_dir(config.data_dir)),
               "images": len(indices), "selection": how[0] if how[0] == "all"
               else f"{how[0]}={how[1]}", "seed": config.seed, "batch_size": config.batch_size,
+              "replace": config.replace and how[0] == "per_class",
               "device": str(device), "threads": torch.get_num_threads(),
               **option_params("dataset", dataset_values)}
-    images, labels = data.test_images[indices], data.test_labels[indices]
     name = tracking.run_name or f"{attack.name} {config.model}"
     with start_run(uri, tracking.experiment, name, tags, tracking.parent) as run:
         if on_start is not None:
             on_start(len(indices), device)
-        results, seconds = adversarial.generate(run_attack, images, labels, device,
-                                                config.batch_size, config.seed)
-        adv_set = adversarial.make_set(model, results, images, labels, indices, device, classes,
-                                       attack.name, values, config.model, config.batch_size)
-        metrics = adversarial.summary(adv_set, seconds)
+        result, indices, replaced, seconds = adversarial.attack_images(
+            run_attack, data.test_images, data.test_labels, indices, spares, device,
+            config.batch_size, config.seed)
+        images, labels = data.test_images[indices], data.test_labels[indices]
+        adv_set = adversarial.make_set(model, [result], images, labels, indices, device, classes,
+                                       attack.name, values, config.model, len(indices))
+        metrics = {**adversarial.summary(adv_set, seconds), "attack/replaced": replaced}
         adversarial.log_attack(run, adv_set, metrics, params)
         experiment_id = run.experiment_id
     return AttackRun(adv_set, metrics, run.id, experiment_id)

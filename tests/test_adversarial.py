@@ -102,7 +102,9 @@ def test_attack_logs_a_linked_run_whose_set_round_trips(models, data_dir, tracki
     assert torch.equal(again.steps, adv_set["steps"])
 
     metrics = run.data.metrics
-    assert metrics["attack/images"] == 20
+    assert metrics["attack/images"] == 20 and len(adv_set["labels"]) == 20
+    assert adv_set["labels"].bincount(minlength=10).tolist() == [2] * 10  # 2 per class kept
+    assert metrics["attack/replaced"] >= 0 and run.data.params["replace"] == "True"
     assert metrics["attack/success_rate"] == pytest.approx(adv_set["success"].float().mean().item())
     assert metrics["attack/mean_steps"] == pytest.approx(adv_set["steps"].float().mean().item())
     assert metrics["attack/linf_max"] == pytest.approx(adv_set["linf"].max().item())

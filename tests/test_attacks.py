@@ -291,16 +291,22 @@ def test_choosing_correctly_classified_images_per_class():
     labels = torch.arange(30) % 3
     predicted = labels.clone()
     predicted[[0, 3, 6, 9, 12, 15, 18]] = 1  # class 0 keeps 3 right of 10
-    chosen = choose(predicted, labels, ("a", "b", "c"), ("per_class", 2), seed=0)
+    chosen, spares = choose(predicted, labels, ("a", "b", "c"), ("per_class", 2), seed=0)
     assert labels[chosen].tolist() == [0, 0, 1, 1, 2, 2]
     assert (predicted[chosen] == labels[chosen]).all()
-    assert torch.equal(chosen, choose(predicted, labels, ("a", "b", "c"), ("per_class", 2), 0))
+    assert torch.equal(chosen, choose(predicted, labels, ("a", "b", "c"), ("per_class", 2), 0)[0])
+    # the spares: every other correctly classified image of each class, none of the chosen
+    assert [len(spares[c]) for c in range(3)] == [1, 8, 8]
+    assert not set(torch.cat(list(spares.values())).tolist()) & set(chosen.tolist())
+    assert all((labels[spares[c]] == c).all() and (predicted[spares[c]] == c).all()
+               for c in range(3))
     with pytest.raises(UserError, match="--per-class 4: the model classifies only 3 test images "
                                         "of class 'a' correctly; accepted: --per-class 1 to 3"):
         choose(predicted, labels, ("a", "b", "c"), ("per_class", 4), seed=0)
-    skipped = choose(predicted, labels, ("a", "b", "c"), ("per_class", 4), seed=0, skip_class=0)
+    skipped, _ = choose(predicted, labels, ("a", "b", "c"), ("per_class", 4), seed=0,
+                        skip_class=0)
     assert labels[skipped].tolist() == [1] * 4 + [2] * 4
-    assert len(choose(predicted, labels, ("a", "b", "c"), ("all", 0), seed=0)) == 23
+    assert len(choose(predicted, labels, ("a", "b", "c"), ("all", 0), seed=0)[0]) == 23
     with pytest.raises(UserError, match="--all-test: the model classifies no test image"):
         choose(labels + 1, labels, ("a", "b", "c"), ("all", 0), seed=0)
     with pytest.raises(UserError, match="--count 24: the model classifies only 23"):
@@ -310,3 +316,35 @@ def test_choosing_correctly_classified_images_per_class():
         selection(2, None, True)
     with pytest.raises(UserError, match="--count must be at least 1"):
         selection(None, 0, False)
+
+
+def test_an_image_that_fails_is_replaced_by_the_next_of_its_class():
+    """A fake attack that fails on odd test indices: each failure is replaced by the next spare
+    of its class until one succeeds; with no spares left the failure stays, marked failed."""
+    from cifarx.adversarial import attack_images
+
+    images = torch.arange(12, dtype=torch.uint8).view(12, 1, 1, 1).expand(12, 3, 2, 2)
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2])
+    calls = []
+
+    def odd_fails(x, y, generator):
+        index = (x[:, 0, 0, 0] * 255).round().long()
+        calls.append(index.tolist())
+        return AttackResult(x.clone(), torch.ones_like(y), index % 2 == 0)
+
+    chosen = torch.tensor([1, 3, 4, 6, 9, 11])  # class 0: both odd; class 1: both even; ...
+    spares = {0: torch.tensor([0, 2]), 1: torch.tensor([5, 7]), 2: torch.tensor([8, 10])}
+    result, kept, replaced, _ = attack_images(odd_fails, images, labels, chosen, spares,
+                                              torch.device("cpu"), 100, 0)
+    assert kept.tolist() == [0, 2, 4, 6, 8, 10] and result.success.all() and replaced == 4
+    assert calls == [[1, 3, 4, 6, 9, 11], [0, 2, 8, 10]]
+    # no spares (--no-replace, or --count): the failures stay, honestly marked
+    result, kept, replaced, _ = attack_images(odd_fails, images, labels, chosen, {},
+                                              torch.device("cpu"), 100, 0)
+    assert kept.tolist() == chosen.tolist() and replaced == 0
+    assert result.success.tolist() == [False, False, True, True, False, False]
+    # spares run out: class 0 has one left after the first replacement
+    result, kept, replaced, _ = attack_images(odd_fails, images, labels, chosen,
+                                              {0: torch.tensor([5 - 5])}, torch.device("cpu"),
+                                              100, 0)
+    assert kept.tolist()[:2] == [0, 3] and result.success.tolist()[:2] == [True, False]
