@@ -41,3 +41,8 @@ def register_probes(register):
 @hookspec
 def register_attacks(register):
     """Register adversarial attacks with ``register(Attack(...))``."""
+
+
+@hookspec
+def register_executors(register):
+    """Register sweep executors (where a sweep's trials run) with ``register(Executor(...))``."""

@@ -199,6 +199,31 @@ class Attack(_Declared):
 
 
 @dataclass(frozen=True)
+class Executor(_Declared):
+    """Where a sweep's trials run: worker processes, a cluster, a scheduler.
+
+    ``check(trials, **options)``, if given, runs in the sweep's process before any run opens
+    and raises :class:`cifarx.UserError` (or :class:`cifarx.OptionError` naming an option) for
+    what cannot work: a missing package, an address that does not answer, a tracking store the
+    workers cannot reach. ``run(trials, on_outcome, **options)`` calls
+    :func:`cifarx.trials.run_trial` on every :class:`~cifarx.trials.Trial` somewhere, calls
+    ``on_outcome(outcome)`` in the sweep's process as each trial ends (in any order), and
+    returns when all have ended. A trial whose worker dies (killed by the OS, a segfault) becomes
+    ``Outcome(trial, "FAILED", error="worker died: ...")`` and the others carry on. On
+    KeyboardInterrupt (Ctrl-C), ``run`` stops the trials still running (``run_trial`` ends an
+    interrupted run KILLED), stops its workers, and lets the KeyboardInterrupt propagate.
+    ``options`` are set with ``--executor-opt NAME=VALUE`` and logged with the sweep as the
+    params ``executor.<name>``.
+    """
+
+    name: str
+    run: Callable[..., None]
+    check: Callable[..., None] | None = None
+    summary: str = ""
+    options: Options = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Family:
     """Every name that starts with ``prefix``: ``resolve(rest)`` returns the plugin object.
 
@@ -216,4 +241,5 @@ KINDS: dict[str, tuple[str, type]] = {
     "architecture": ("register_architectures", Architecture),
     "probe": ("register_probes", Probe),
     "attack": ("register_attacks", Attack),
+    "executor": ("register_executors", Executor),
 }

@@ -4,6 +4,7 @@ from torch import nn
 
 from cifarx import (Architecture, Attack, AttackResult, Augmentation, Dataset, Family, ImageData,
                     Probe, UserError, hookimpl)
+from cifarx.plugin_types import Executor
 from cifarx.registry import Registry, registry
 
 from fake_dists import ARCH_PLUGIN, activate, make_dist
@@ -12,6 +13,7 @@ BUILTINS = {
     ("architecture", "table1"), ("augmentation", "raw"), ("augmentation", "normalize"),
     ("augmentation", "flip"), ("augmentation", "crop"), ("dataset", "cifar10"),
     ("attack", "ifgsm"), ("attack", "fgsm"), ("attack", "pgd"), ("attack", "fool-noise"),
+    ("executor", "local"), ("executor", "ray"),
 }
 
 
@@ -165,6 +167,14 @@ class EveryKind:
         register(Attack(name="test-attack", build=lambda model, **o: lambda x, y, g: AttackResult(
             x.flip(-1), torch.zeros(len(x)), torch.zeros(len(x), dtype=torch.bool))))
 
+    @hookimpl
+    def register_executors(self, register):
+        def run(trials, on_outcome):
+            from cifarx.trials import run_trial
+            for trial in trials:
+                on_outcome(run_trial(trial))
+        register(Executor(name="test-executor", run=run, summary="every trial in this process"))
+
 
 def test_every_kind_registers_and_is_looked_up(register_plugin):
     register_plugin(EveryKind(), "every-kind")
@@ -236,7 +246,7 @@ def test_a_misspelled_hook_is_one_problem_naming_the_package_and_the_valid_hooks
     assert "unknown hooks 'register_architecture' (did you mean 'register_architectures'?)" in typo
     assert "'setup_everything'" in typo
     assert ("the hooks are register_architectures, register_attacks, register_augmentations, "
-            "register_datasets, register_probes") in typo
+            "register_datasets, register_executors, register_probes") in typo
     # one bad package does not hide another
     assert any("cifarx-typo-two" in p and "'register_probe' (did you mean 'register_probes'?)" in p
                for p in cat.problems)

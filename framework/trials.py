@@ -1,0 +1,100 @@
+"""A sweep's trials: what one is, and how a worker runs it.
+
+A :class:`Trial` is picklable and self-contained: an executor (a local process pool, a Ray
+cluster, a plugin's scheduler) hands it to :func:`run_trial` in a worker, which trains it as an
+ordinary cifarx training run, the child of the sweep's run, and returns an :class:`Outcome`.
+A trial that raises or diverges is a FAILED outcome, never an exception: the sweep carries on.
+"""
+
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .config import TrainConfig
+
+# Tags on a trial's run: the sweep finds its trials again by them (resume).
+TRIAL_TAG = "cifarx.trial"  # the trial's key: a digest of its config, seed included
+EXECUTOR_TAG = "cifarx.executor"
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One training of a sweep: ``config`` (seed included), the swept values as the study wrote
+    them (``axes``), and where to log (the sweep's store, experiment and run)."""
+
+    key: str
+    number: int  # position in the sweep, from 0
+    config: TrainConfig
+    axes: Mapping[str, Any]
+    tracking_uri: str
+    experiment: str
+    parent: str  # the sweep's run id
+    executor: str
+    run_name: str | None = None
+
+
+@dataclass
+class Outcome:
+    """How a trial ended: ``status`` FINISHED or FAILED (KILLED: interrupted), its run, its
+    final metrics and test accuracy curve, and for a failure, one line saying why."""
+
+    trial: Trial
+    status: str
+    run_id: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (step, test/acc)
+    error: str | None = None
+
+
+_data: dict[tuple, Any] = {}  # per worker process: trials of one dataset share the loaded images
+
+
+def _load(plan):
+    key = plan.data_key()
+    if key not in _data:
+        _data.clear()  # one dataset at a time: a worker's memory stays bounded
+        _data[key] = plan.load_data()
+    plan.check_data(_data[key])
+    return _data[key]
+
+
+def run_trial(trial: Trial) -> Outcome:
+    """Train ``trial`` into a child run of the sweep's run (in a worker process)."""
+    from . import runs
+    from .errors import Diverged, UserError
+
+    tracking = runs.Tracking(trial.tracking_uri, trial.experiment, trial.run_name, trial.parent,
+                             {TRIAL_TAG: trial.key, EXECUTOR_TAG: trial.executor})
+    try:
+        job = runs.prepare_training(trial.config, uri=trial.tracking_uri, load=_load)
+        done = runs.train_run(job, tracking)
+    except KeyboardInterrupt:
+        return Outcome(trial, "KILLED", error="interrupted")
+    except (UserError, Diverged) as exc:
+        return Outcome(trial, "FAILED", error=str(exc), run_id=_run_of(trial))
+    except Exception as exc:  # a bug in a plugin fails its trial, not the sweep
+        detail = traceback.format_exc(limit=-1).strip().splitlines()[-1]
+        return Outcome(trial, "FAILED", error=f"{type(exc).__name__}: {exc} ({detail})",
+                       run_id=_run_of(trial))
+    result = done.result
+    metrics = {"final/test_acc": result.test_acc, "final/test_loss": result.test_loss,
+               "final/train_seconds": result.seconds,
+               "final/images_per_second": result.images_per_second}
+    return Outcome(trial, "FINISHED", done.run_id, metrics, list(result.history["test/acc"]))
+
+
+def _run_of(trial: Trial) -> str | None:
+    """The run a failed trial opened, if it got that far (found by its tag)."""
+    try:
+        import mlflow
+
+        found = mlflow.MlflowClient(trial.tracking_uri).search_runs(
+            [mlflow.MlflowClient(trial.tracking_uri).get_run(trial.parent).info.experiment_id],
+            filter_string=f"tags.`{TRIAL_TAG}` = '{trial.key}' and "
+                          f"tags.`mlflow.parentRunId` = '{trial.parent}'",
+            order_by=["attributes.start_time DESC"], max_results=1)
+        return found[0].info.run_id if found else None
+    except Exception:
+        return None
