@@ -108,3 +108,108 @@ def transfer_matrix(rates, accuracies, sources: list[str], targets: list[str]):
     axes[0, 0].set_ylabel("adversarial set")
     fig.tight_layout()
     return fig
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, (bool, np.bool_)) and np.isfinite(value)
+
+
+def _axis_positions(values: list):
+    """Where an axis's distinct values go on x: (distinct values, positions, log scale?, step).
+    Numeric axes: the values themselves (log when positive and spanning more than a factor of
+    10; ``step`` then in log10 units); others, and a lone value: categories 0, 1, ... in
+    first-seen order."""
+    distinct = list(dict.fromkeys(values))
+    if len(distinct) > 1 and all(_is_number(v) for v in distinct):
+        distinct = sorted(distinct)
+        numbers = np.array(distinct, dtype=float)
+        log = bool(numbers.min() > 0 and numbers.max() / numbers.min() > 10)
+        scaled = np.log10(numbers) if log else numbers
+        gaps = np.diff(scaled)
+        step = float(gaps.min()) if len(gaps) else 1.0
+        return distinct, list(numbers), log, step
+    return distinct, list(range(len(distinct))), False, 1.0
+
+
+def sweep_axes(summary: list[dict], axes: list[str], metric: str, title: str):
+    """One subplot per swept axis: ``metric``'s mean per configuration against the axis's
+    values, with its 95% interval (summary's ``{metric}_ci_low/high``; no bar where NaN).
+    When other axes are swept too, the configurations sharing the other axes' values form one
+    series (a line, named in the legend), the series drawn side by side around each value."""
+    axes = list(axes) or [None]  # no axis: the configurations as categories
+    rows = [r for r in summary if np.isfinite(r.get(f"{metric}_mean", np.nan))]
+    fig, grid = plt.subplots(1, len(axes), figsize=(1 + 4.2 * len(axes), 4), squeeze=False)
+    for ax, axis in zip(grid[0], axes):
+        if axis is None:
+            xs = [str(r["config"]) for r in rows]
+            others: list[str] = []
+        else:
+            xs = [r.get(axis) for r in rows]
+            others = [a for a in axes if a != axis]
+        distinct, positions, log, step = _axis_positions(xs)
+        where = {v: p for v, p in zip(distinct, positions)}
+        series: dict[tuple, list] = {}
+        for x, r in zip(xs, rows):
+            series.setdefault(tuple(r.get(a) for a in others), []).append((x, r))
+        width = 0.5 * step  # the series share half of the gap between neighbouring values
+        for i, (label, members) in enumerate(series.items()):
+            offset = (i - (len(series) - 1) / 2) * width / max(len(series), 1)
+            members.sort(key=lambda m: where[m[0]])
+            xpos = []
+            for x, _ in members:
+                p = where[x]
+                xpos.append(p * 10 ** offset if log else p + offset)
+            means = np.array([r[f"{metric}_mean"] for _, r in members], dtype=float)
+            low = np.array([r.get(f"{metric}_ci_low", np.nan) for _, r in members], dtype=float)
+            high = np.array([r.get(f"{metric}_ci_high", np.nan) for _, r in members], dtype=float)
+            name = ", ".join(f"{a}={v}" for a, v in zip(others, label)) or None
+            (line,) = ax.plot(xpos, means, marker="o", ms=5, lw=1, label=name)
+            ok = np.isfinite(low) & np.isfinite(high)
+            if ok.any():
+                ax.errorbar(np.array(xpos)[ok], means[ok],
+                            yerr=[means[ok] - low[ok], high[ok] - means[ok]], fmt="none",
+                            ecolor=line.get_color(), elinewidth=1, capsize=0)
+        if log:
+            ax.set_xscale("log")
+        ax.set_xticks(positions, [str(v) for v in distinct],
+                      rotation=30 if axis is None else 0, ha="right" if axis is None else "center")
+        ax.minorticks_off()
+        ax.set_xlabel("configuration" if axis is None else axis)
+        ax.set_ylabel(f"{metric} (mean, 95% interval)")
+        ax.grid(alpha=0.3)
+        if others and len(series) > 1:
+            ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def sweep_curves(curves: list[tuple[str, str, list[tuple[int, float]]]], best: str | None,
+                 title: str):
+    """Test accuracy against iteration, one line per trial (``(label, config key, points)``):
+    every trial thin and grey, the trials of the ``best`` configuration on top, in colour and
+    named by their labels."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    grey_named = False
+    highlighted = 0
+    for label, config, points in curves:
+        if not points:
+            continue
+        steps, values = zip(*points)
+        if config == best:
+            ax.plot(steps, values, lw=1.8, marker="o", ms=3, zorder=3,
+                    color=f"C{highlighted % 10}", label=label)
+            highlighted += 1
+        else:
+            ax.plot(steps, values, lw=0.8, color="0.6", alpha=0.7, zorder=2,
+                    label=None if grey_named else "other configurations")
+            grey_named = True
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("test accuracy")
+    ax.grid(alpha=0.3)
+    if highlighted or grey_named:
+        ax.legend(fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig

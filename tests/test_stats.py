@@ -1,0 +1,256 @@
+"""cifarx.stats against hand computations on small made-up numbers; the sweep figures build."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import matplotlib.pyplot as plt
+import pytest
+from scipy import special, stats as sps
+
+from cifarx import figures, stats
+
+ACC = {"a": [0.80, 0.82, 0.84], "b": [0.78, 0.80, 0.82], "c": [0.70, 0.71, 0.72]}
+LOSS = {"a": [0.5, 0.4, 0.6], "b": [0.3, 0.5, None], "c": [0.9, float("nan"), 0.7]}
+AXES = {"a": {"lr": 0.1, "aug": "none"}, "b": {"lr": 0.01, "aug": "none"},
+        "c": {"lr": 0.001, "aug": "flip"}}
+
+
+def trials(acc=ACC, loss=LOSS, axes=AXES):
+    rows = []
+    for key in acc:
+        for seed, (a, l) in enumerate(zip(acc[key], loss[key])):
+            metrics = {"test/acc": a}
+            if l is not None:  # b's third trial has no loss at all
+                metrics["test/loss"] = l
+            rows.append({"config": key, "axes": axes[key], "seed": seed, "metrics": metrics})
+    return rows
+
+
+def by_config(rows):
+    return {r["config"]: r for r in rows}
+
+
+def hand_mean_std(values):
+    n = len(values)
+    mean = sum(values) / n
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+
+
+def test_summarize_matches_hand_computation():
+    summary = stats.summarize(trials(), ["test/acc", "test/loss"])
+    assert [r["config"] for r in summary] == ["a", "b", "c"]  # first-seen order
+    a = summary[0]
+    assert a["lr"] == 0.1 and a["aug"] == "none"
+    assert a["test/acc_n"] == 3
+    mean, std = hand_mean_std(ACC["a"])
+    assert a["test/acc_mean"] == pytest.approx(0.82) == pytest.approx(mean)
+    assert a["test/acc_std"] == pytest.approx(0.02) == pytest.approx(std)
+    # t quantile with 2 degrees of freedom, closed form: (2p-1)/sqrt(2p(1-p)), p = 0.975
+    t = 0.95 / math.sqrt(2 * 0.975 * 0.025)
+    assert t == pytest.approx(sps.t.ppf(0.975, 2))
+    half = t * 0.02 / math.sqrt(3)
+    assert a["test/acc_ci_low"] == pytest.approx(0.82 - half)
+    assert a["test/acc_ci_high"] == pytest.approx(0.82 + half)
+    # confidence changes the interval only
+    narrow = stats.summarize(trials(), ["test/acc"], confidence=0.5)[0]
+    assert narrow["test/acc_ci_high"] - narrow["test/acc_mean"] == pytest.approx(
+        sps.t.ppf(0.75, 2) * 0.02 / math.sqrt(3))
+    assert narrow["test/acc_mean"] == a["test/acc_mean"]
+
+
+def test_missing_and_non_finite_metrics_are_skipped_and_n1_is_nan():
+    summary = by_config(stats.summarize(trials(), ["test/loss", "test/never"]))
+    b, c = summary["b"], summary["c"]
+    assert b["test/loss_n"] == 2 and b["test/loss_mean"] == pytest.approx(0.4)
+    assert b["test/loss_std"] == pytest.approx(math.sqrt(0.02))
+    assert c["test/loss_n"] == 2 and c["test/loss_mean"] == pytest.approx(0.8)  # NaN skipped
+    assert summary["a"]["test/never_n"] == 0
+    assert all(math.isnan(summary["a"][f"test/never_{s}"])
+               for s in ("mean", "std", "ci_low", "ci_high"))
+    one = stats.summarize([{"config": "x", "axes": {}, "seed": 0, "metrics": {"m": 0.5}}],
+                          ["m"])[0]
+    assert one["m_n"] == 1 and one["m_mean"] == 0.5
+    assert math.isnan(one["m_std"]) and math.isnan(one["m_ci_low"]) \
+        and math.isnan(one["m_ci_high"])
+
+
+def welch_by_hand(x, y):
+    """Welch's t and Welch-Satterthwaite df; the two-sided p through the incomplete beta
+    function: P(|T| > t) = I_{df/(df+t^2)}(df/2, 1/2)."""
+    (mx, sx), (my, sy) = hand_mean_std(x), hand_mean_std(y)
+    vx, vy = sx ** 2 / len(x), sy ** 2 / len(y)
+    t = (mx - my) / math.sqrt(vx + vy)
+    df = (vx + vy) ** 2 / (vx ** 2 / (len(x) - 1) + vy ** 2 / (len(y) - 1))
+    return t, df, float(special.betainc(df / 2, 0.5, df / (df + t * t)))
+
+
+def test_rank_and_welch_p_values_match_hand_computation():
+    summary = stats.summarize(trials(), ["test/acc", "test/loss"])
+    ranked = stats.rank(summary, "test/acc")
+    assert [r["config"] for r in ranked] == ["a", "b", "c"]
+    assert [r["rank"] for r in ranked] == [1, 2, 3]
+    a, b, c = ranked
+    assert math.isnan(a["p_vs_best"]) and a["same_as_best"] is True
+    # a vs b: equal variances and n, so df = 4 exactly and t = 0.02 / sqrt(2 * 0.0004 / 3);
+    # the t(4) cdf in closed form: F(t) = 1/2 + 3/8 * u * (1 - t^2 / (12 (1 + t^2/4))),
+    # u = t / sqrt(1 + t^2/4)
+    t = 0.02 / math.sqrt(2 * 0.0004 / 3)
+    u = t / math.sqrt(1 + t * t / 4)
+    p = 2 * (1 - (0.5 + 3 / 8 * u * (1 - t * t / (12 * (1 + t * t / 4)))))
+    assert welch_by_hand(ACC["a"], ACC["b"])[1] == pytest.approx(4)
+    assert b["p_vs_best"] == pytest.approx(p, rel=1e-6)
+    assert b["p_vs_best"] == pytest.approx(welch_by_hand(ACC["b"], ACC["a"])[2], rel=1e-6)
+    assert b["same_as_best"] is True  # p ~ 0.29
+    # a vs c: unequal variances, non-integer df (~2.94)
+    t, df, p = welch_by_hand(ACC["c"], ACC["a"])
+    assert df == pytest.approx(0.0005 ** 2 / ((0.0004 ** 2 + 0.0001 ** 2) / 2))
+    assert c["p_vs_best"] == pytest.approx(p, rel=1e-6) and p < 0.05
+    assert c["same_as_best"] is False
+    assert stats.rank(summary, "test/acc", alpha=0.001)[2]["same_as_best"] is True
+    # the summary itself is not modified
+    assert "rank" not in summary[0]
+
+
+def test_rank_minimize_orders_by_smallest_mean():
+    summary = stats.summarize(trials(), ["test/acc", "test/loss"])
+    ranked = stats.rank(summary, "test/loss", direction="minimize")
+    assert [r["config"] for r in ranked] == ["b", "a", "c"]  # 0.4 (n=2), 0.5, 0.8
+    assert ranked[1]["p_vs_best"] == pytest.approx(
+        welch_by_hand(LOSS["a"], [0.3, 0.5])[2], rel=1e-6)
+    assert [r["config"] for r in stats.rank(summary, "test/acc", "minimize")] == ["c", "b", "a"]
+    with pytest.raises(ValueError):
+        stats.rank(summary, "test/acc", direction="up")
+
+
+def test_rank_cannot_test_single_seeds_and_puts_missing_last():
+    rows = trials() + [
+        {"config": "d", "axes": {"lr": 1.0, "aug": "none"}, "seed": 0,
+         "metrics": {"test/acc": 0.5}},
+        {"config": "e", "axes": {"lr": 2.0, "aug": "none"}, "seed": 0, "metrics": {}},
+    ]
+    summary = stats.summarize(rows, ["test/acc"])
+    ranked = stats.rank(summary, "test/acc")
+    assert [r["config"] for r in ranked] == ["a", "b", "c", "d", "e"]
+    for r in ranked[3:]:
+        assert math.isnan(r["p_vs_best"]) and r["same_as_best"] is None
+    # a single-seed best: nothing can be tested against it
+    rows.append({"config": "f", "axes": {"lr": 3.0, "aug": "none"}, "seed": 0,
+                 "metrics": {"test/acc": 0.99}})
+    ranked = stats.rank(stats.summarize(rows, ["test/acc"]), "test/acc")
+    assert ranked[0]["config"] == "f" and ranked[0]["same_as_best"] is True
+    assert all(r["same_as_best"] is None for r in ranked[1:])
+    assert "single seed" in stats.verdict(ranked, "test/acc")
+
+
+def test_rank_needs_summarize_rows():
+    public = [{k: v for k, v in r.items() if not k.startswith("_")}
+              for r in stats.summarize(trials(), ["test/acc"])]
+    with pytest.raises(ValueError, match="summarize"):
+        stats.rank(public, "test/acc")
+
+
+def test_constant_values_compare_exactly():
+    rows = [{"config": k, "axes": {}, "seed": s, "metrics": {"m": v}}
+            for k, v in (("x", 0.8), ("y", 0.8), ("z", 0.7)) for s in range(3)]
+    ranked = stats.rank(stats.summarize(rows, ["m"]), "m")
+    assert [(r["config"], r["p_vs_best"], r["same_as_best"]) for r in ranked[1:]] == \
+        [("y", 1.0, True), ("z", 0.0, False)]
+
+
+def test_verdict_counts_and_power_caveat():
+    ranked = stats.rank(stats.summarize(trials(), ["test/acc"]), "test/acc")
+    text = stats.verdict(ranked, "test/acc")
+    assert text.startswith("1 of the 2 other configurations is indistinguishable from the best")
+    assert "the best, lr=0.1, aug=none (test/acc mean 0.82), by Welch's t-test at alpha 0.05" \
+        in text
+    assert "3 seeds per configuration (2 degrees of freedom each)" in text
+    # (t_.975 + t_.8 with 4 df) * pooled std * sqrt(2/3), pooled var (.0004+.0004+.0001)/3
+    s = math.sqrt((0.0004 + 0.0004 + 0.0001) / 3)
+    difference = (sps.t.ppf(0.975, 4) + sps.t.ppf(0.8, 4)) * s * math.sqrt(2 / 3)
+    assert f"~{difference * 100:.1f} percentage points" in text  # ~5.3
+    # five seeds everywhere: no caveat
+    rng = [0.0, 0.01, -0.01, 0.005, -0.005]
+    many = {k: [v[0] + d for d in rng] for k, v in ACC.items()}
+    rows = trials(acc=many, loss={k: [1.0] * 5 for k in many})
+    text = stats.verdict(stats.rank(stats.summarize(rows, ["test/acc"]), "test/acc"),
+                         "test/acc")
+    assert "power" not in text and "0 of the 2 other configurations are" in text
+    assert stats.verdict([], "test/acc").startswith("No configuration")
+
+
+def test_csv_and_json_columns_order_and_unrounded_values(tmp_path):
+    summary = stats.summarize(trials(), ["test/acc", "test/loss"])
+    path = tmp_path / "summary.csv"
+    stats.to_csv(summary, path)
+    with open(path, newline="") as f:
+        lines = list(csv.reader(f))
+    per_metric = ["n", "mean", "std", "ci_low", "ci_high"]
+    assert lines[0] == ["config", "lr", "aug"] + [f"test/acc_{s}" for s in per_metric] \
+        + [f"test/loss_{s}" for s in per_metric]
+    assert len(lines) == 4
+    for line, row in zip(lines[1:], summary):
+        record = dict(zip(lines[0], line))
+        assert record["config"] == row["config"] and record["aug"] == row["aug"]
+        assert float(record["lr"]) == row["lr"]
+        assert float(record["test/acc_std"]) == row["test/acc_std"]  # exact: not rounded
+        assert float(record["test/acc_ci_low"]) == row["test/acc_ci_low"]
+    # rank's rows: the same columns, then its three
+    stats.to_csv(stats.rank(summary, "test/acc"), path)
+    with open(path, newline="") as f:
+        header = next(csv.reader(f))
+    assert header == lines[0] + ["rank", "p_vs_best", "same_as_best"]
+
+    one = stats.summarize([{"config": "x", "axes": {"k": "v"}, "seed": 0,
+                            "metrics": {"m": 0.5}}], ["m"])
+    data = stats.to_json(one)
+    assert json.loads(json.dumps(data, allow_nan=False)) == data
+    assert data == [{"config": "x", "k": "v", "m_n": 1, "m_mean": 0.5, "m_std": None,
+                     "m_ci_low": None, "m_ci_high": None}]
+    assert list(data[0]) == ["config", "k", "m_n", "m_mean", "m_std", "m_ci_low", "m_ci_high"]
+    ranked = stats.to_json(stats.rank(summary, "test/acc"))
+    assert [(r["config"], r["rank"], r["same_as_best"]) for r in ranked] == \
+        [("a", 1, True), ("b", 2, True), ("c", 3, False)]
+    assert ranked[0]["p_vs_best"] is None and "_values" not in ranked[0]
+
+
+def test_sweep_axes_figure():
+    rows = trials() + [{"config": "d", "axes": {"lr": 0.1, "aug": "flip"}, "seed": 0,
+                        "metrics": {"test/acc": 0.75}}]  # one seed: no interval
+    summary = stats.summarize(rows, ["test/acc"])
+    fig = figures.sweep_axes(summary, ["lr", "aug"], "test/acc", "sweep")
+    try:
+        lr_ax, aug_ax = fig.axes[:2]
+        assert len([a for a in fig.axes if a.get_xlabel()]) == 2
+        assert lr_ax.get_xscale() == "log"  # 0.001 .. 0.1
+        assert aug_ax.get_xscale() == "linear"
+        assert len(lr_ax.lines) == 2  # one series per aug value
+        assert len(aug_ax.lines) == 3  # one series per lr value
+        assert [t.get_text() for t in aug_ax.get_xticklabels()] == ["none", "flip"]
+        assert sum(len(line.get_xdata()) for line in lr_ax.lines) == 4
+        assert fig._suptitle.get_text() == "sweep"
+    finally:
+        plt.close(fig)
+    fig = figures.sweep_axes(stats.summarize(trials(), ["test/acc"]), ["lr"], "test/acc", "one")
+    try:
+        assert len(fig.axes) == 1 and len(fig.axes[0].lines) == 1
+    finally:
+        plt.close(fig)
+
+
+def test_sweep_curves_figure():
+    curves = [(f"{key} seed {s}", key, [(100, v - 0.1), (200, v)])
+              for key, values in ACC.items() for s, v in enumerate(values)]
+    curves.append(("empty", "c", []))
+    fig = figures.sweep_curves(curves, "a", "curves")
+    try:
+        (ax,) = fig.axes
+        assert len(ax.lines) == 9
+        labels = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert labels == ["a seed 0", "a seed 1", "a seed 2", "other configurations"]
+        highlighted = [line for line in ax.lines if line.get_linewidth() > 1]
+        assert len(highlighted) == 3
+    finally:
+        plt.close(fig)
