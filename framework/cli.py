@@ -125,6 +125,7 @@ AugOpt = opt_flag("augmentation", "PLUGIN.NAME=VALUE")
 ProbeOpt = opt_flag("probe", "PLUGIN.NAME=VALUE")
 AttackOpt = opt_flag("attack", "NAME=VALUE")
 DatasetOpt = opt_flag("dataset", "NAME=VALUE")
+ExecutorOpt = opt_flag("executor", "NAME=VALUE")
 PER_ARCH = "(default: the architecture's, else {})"
 MODEL_HELP = "runs:/<run id>/model, models:/<name>/<version>, or a local MLflow model folder."
 
@@ -288,7 +289,7 @@ def plugins(
 def describe(
     first: Annotated[str, typer.Argument(
         metavar="[KIND] NAME", help="A plugin: KIND NAME (architecture, augmentation, dataset, "
-        "probe, attack), or an architecture's NAME alone.")],
+        "probe, attack, executor), or an architecture's NAME alone.")],
     name: Annotated[Optional[str], typer.Argument(hidden=True)] = None,
     dataset: Annotated[str, typer.Option(
         help="Architectures: the dataset whose image shape and classes to build for.")] = "cifar10",
@@ -325,7 +326,7 @@ def describe(
         from .config import OPTION_FLAGS
 
         flag = OPTION_FLAGS[kind][0]
-        shape = "NAME=VALUE" if kind in ("architecture", "attack", "dataset") else \
+        shape = "NAME=VALUE" if kind in ("architecture", "attack", "dataset", "executor") else \
             f"{plugin.name}.NAME=VALUE"
         table = Table("option", "default", "accepted", "help", title=f"{flag} {shape}")
         for row in option_rows(plugin.options):
@@ -489,6 +490,109 @@ def transfer(
     out.print(transfer_table(done.sources, done.targets, done.cells))
     out.print(f"run {done.run_id}  transfer.json"
               + ("  figures/transfer_matrix.png" if len(done.cells) > 1 else ""),
+              highlight=False, soft_wrap=True)
+    _open_hint(tracking_uri, done.experiment_id, done.run_id)
+
+
+@command
+def sweep(
+    study_file: Annotated[Optional[Path], typer.Argument(
+        metavar="[STUDY.toml]", help="A study file (see the README's Studies); without one, "
+        "--set and --grid say what to run.", show_default=False)] = None,
+    grid: Annotated[Optional[list[str]], typer.Option(
+        help="An axis: KEY=V1,V2,... (an option of `cifarx train`, as in a study file: lr, "
+             "aug, arch-opt.activation, ...); repeatable. For aug, probe and adv-data each "
+             "--grid KEY=VALUE adds one value.", show_default=False)] = None,
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="A fixed option: KEY=VALUE, as in the study's [train]; repeatable.",
+        show_default=False)] = None,
+    seeds: Annotated[Optional[int], typer.Option(
+        help="Seeds 0..N-1 for every configuration (default: the study's, else 1).",
+        show_default=False)] = None,
+    search: Annotated[Optional[str], typer.Option(
+        help="grid (every combination) or random (--trials draws from [random]).",
+        show_default=False)] = None,
+    trials: Annotated[Optional[int], typer.Option(
+        help="Random search: configurations drawn.", show_default=False)] = None,
+    metric: Annotated[Optional[str], typer.Option(
+        help="The metric that ranks configurations (default: final/test_acc).",
+        show_default=False)] = None,
+    direction: Annotated[Optional[str], typer.Option(
+        help="maximize or minimize the metric.", show_default=False)] = None,
+    executor: Annotated[Optional[str], typer.Option(
+        help="Executor plugin: local (processes here), ray, ... (default: the study's, else "
+             "local).", show_default=False)] = None,
+    workers: Annotated[Optional[int], typer.Option(
+        help="local: trials at once; same as --executor-opt workers=N.",
+        show_default=False)] = None,
+    executor_opt: ExecutorOpt = None,
+    resume: Annotated[Optional[str], typer.Option(
+        help="The run id of a sweep to complete: runs only its missing, FAILED or KILLED "
+             "trials.", show_default=False)] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Print the trials and exit, opening no run.")] = False,
+    experiment: Annotated[Optional[str], typer.Option(
+        help="MLflow experiment (default: the study's).", show_default=False)] = None,
+    tracking_uri: TrackingUri = None,
+):
+    """Run a study: every configuration with several seeds, in parallel, as child runs of one
+    sweep run, with statistics over the seeds."""
+    from . import studies
+    from .console import err, out, sweep_table
+    from .sweep import load_resumed, plan_sweep, sweep_run, trial_name
+    from .tracking import tracking_uri as resolve_uri
+
+    if seeds is not None and seeds < 1:
+        raise UserError(f"--seeds must be at least 1, got {seeds}")
+    if resume:
+        if study_file or grid or set_:
+            raise UserError("--resume takes the study from the sweep's run; give no study "
+                            "file, --grid or --set with it")
+        study = load_resumed(resume, resolve_uri(tracking_uri))
+    else:
+        raw = {}
+        if study_file is not None:
+            study = studies.load(study_file)
+            raw = studies.raw_of(study)
+        raw = studies.with_flags(raw, grid or [], set_ or [])
+        study = studies.from_dict(raw, str(study_file or "the command line"),
+                                  study.source if study_file else "")
+    study = studies.overrides(study, seeds=seeds, search=search, trials=trials, metric=metric,
+                              direction=direction, experiment=experiment)
+    name = executor or study.executor.get("name", "local")
+    texts = [f"{k}={v}" for k, v in study.executor.items() if k != "name"]
+    flags = {}
+    if workers is not None:
+        texts.append(f"workers={workers}")
+        flags["workers"] = "--workers"
+    sweep = plan_sweep(study, name, texts + list(executor_opt or ()), flags, tracking_uri,
+                       plugins_catalog())
+    if dry_run:
+        for trial in sweep.trials:
+            out.print(f"{trial.number:>4}  {trial_name(trial.axes, trial.config.seed)}",
+                      highlight=False)
+        out.print(f"{len(sweep.trials)} trials ({len(sweep.configurations)} configurations x "
+                  f"{len(study.seeds)} seeds) on {name}; no run opened", highlight=False)
+        return
+
+    def heard(outcome, done, total):
+        trial = outcome.trial
+        what = f"{outcome.metrics.get('final/test_acc', float('nan')):.2%}" \
+            if outcome.status == "FINISHED" else f"[red]{outcome.status}[/]: {outcome.error}"
+        err.print(f"[{done}/{total}] {trial_name(trial.axes, trial.config.seed)}: {what}",
+                  soft_wrap=True, highlight=False)
+
+    done = sweep_run(sweep, resume, heard)
+    if done.reused:
+        out.print(f"{done.reused} trial(s) finished earlier were not run again", highlight=False)
+    if done.ranked:
+        out.print(sweep_table(done.ranked, studies.axes_of(study), study.metric))
+    out.print(done.verdict, highlight=False, soft_wrap=True)
+    for outcome in done.failed:
+        out.print(f"[red]trial {outcome.trial.number} "
+                  f"({trial_name(outcome.trial.axes, outcome.trial.config.seed)}) "
+                  f"{outcome.status}[/]: {outcome.error}", highlight=False, soft_wrap=True)
+    out.print(f"sweep run {done.run_id}  sweep.json  sweep.csv  figures/sweep_axes.png",
               highlight=False, soft_wrap=True)
     _open_hint(tracking_uri, done.experiment_id, done.run_id)
 

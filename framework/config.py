@@ -30,7 +30,7 @@ ADV_RATIO = 0.5  # with --adv-train: the fraction of each batch replaced by adve
 # kinds PLUGIN.NAME=VALUE; the params are <prefix>.NAME and <prefix>.PLUGIN.NAME.
 OPTION_FLAGS = {"dataset": ("--dataset-opt", "dataset"), "architecture": ("--arch-opt", "arch"),
                 "augmentation": ("--aug-opt", "aug"), "probe": ("--probe-opt", "probe"),
-                "attack": ("--attack-opt", "attack")}
+                "attack": ("--attack-opt", "attack"), "executor": ("--executor-opt", "executor")}
 
 
 @dataclass(frozen=True)
@@ -151,10 +151,20 @@ class Plan:
 
         data = self.dataset.load(resolve_data_dir(self.config.data_dir), self.config.train_split,
                                  **self.dataset_options)
+        self.check_data(data)
+        return data
+
+    def data_key(self) -> tuple:
+        """What the loaded data depends on: runs with equal keys can share it."""
+        from .data import resolve_data_dir
+
+        return (self.dataset.name, self.config.train_split,
+                str(resolve_data_dir(self.config.data_dir)), self.config.dataset_options)
+
+    def check_data(self, data: ImageData):
         if self.config.batch_size > len(data.train_images):
             raise UserError(f"--batch-size {self.config.batch_size} is larger than the "
                             f"{len(data.train_images)} training images")
-        return data
 
 
 def parse_list(text: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:

@@ -108,3 +108,24 @@ def transfer_table(sources: list[dict], targets: list[dict], cells: list[dict]):
 
 
 # --- the commands ---------------------------------------------------------------------------
+
+def sweep_table(ranked: list[dict[str, Any]], axes: list[str], metric: str):
+    """The configurations best first: the metric over seeds, and whether each is
+    distinguishable from the best."""
+    from rich.table import Table
+
+    pct = metric.endswith("acc")
+    fmt = (lambda v: "-" if math.isnan(v) else f"{v:.2%}") if pct else \
+        (lambda v: "-" if math.isnan(v) else f"{v:.4g}")  # noqa: E731
+    table = Table("#", *axes, "n", f"{metric} mean", "std", "95% interval", "p vs best",
+                  "same as best", title=f"configurations by {metric}")
+    for row in ranked:
+        same = row["same_as_best"]
+        table.add_row(str(row["rank"]), *(str(row.get(a, "")) for a in axes),
+                      str(row[f"{metric}_n"]), fmt(row[f"{metric}_mean"]),
+                      fmt(row[f"{metric}_std"]),
+                      f"{fmt(row[f'{metric}_ci_low'])} to {fmt(row[f'{metric}_ci_high'])}",
+                      "-" if math.isnan(row["p_vs_best"]) else f"{row['p_vs_best']:.3f}",
+                      "best" if row["rank"] == 1 else "?" if same is None else
+                      ("yes" if same else "[red]no[/]"))
+    return table

@@ -32,12 +32,14 @@ from .tracking import (DEFAULT_EXPERIMENT, Run, data_digest, git_commit, load_mo
 @dataclass(frozen=True)
 class Tracking:
     """Where a run is logged. ``uri`` None: ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``;
-    ``parent``: the id of the run this one is a child of (a sweep's trials)."""
+    ``parent``: the id of the run this one is a child of (a sweep's trials); ``tags``: set on
+    the run besides cifarx's own."""
 
     uri: str | None = None
     experiment: str = DEFAULT_EXPERIMENT
     run_name: str | None = None
     parent: str | None = None
+    tags: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def resolved_uri(self) -> str:
@@ -111,11 +113,14 @@ class TrainRun:
 
 
 def prepare_training(config: TrainConfig, catalog: Catalog | None = None,
-                     uri: str | None = None) -> TrainJob:
-    """Every check a training needs, the data loaded and the model built; no run opened."""
+                     uri: str | None = None, load: Callable[[Plan], ImageData] | None = None
+                     ) -> TrainJob:
+    """Every check a training needs, the data loaded and the model built; no run opened.
+    ``load`` loads the plan's data (default: :meth:`Plan.load_data`; a sweep's workers keep
+    what they loaded)."""
     catalog = catalog or default_catalog()
     plan = make_plan(config, catalog)
-    data = plan.load_data()
+    data = (load or Plan.load_data)(plan)
     return TrainJob(plan, data, loop.assemble(plan, data, tracking_uri(uri)), catalog)
 
 
@@ -136,7 +141,7 @@ def train_run(config: TrainConfig | TrainJob, tracking: Tracking = Tracking(),
                     adv_train=plan.attack.name if plan.attack else None,
                     adv_data=",".join(cfg.adv_data) or None)
     with start_run(tracking.resolved_uri, tracking.experiment, tracking.run_name or job.label,
-                   tags, tracking.parent) as run:
+                   {**tags, **tracking.tags}, tracking.parent) as run:
         added = {} if job.setup.adv_images is None else {
             "adv_data_images": len(job.setup.adv_images),
             "adv_data_test_images": job.setup.adv_test_images}

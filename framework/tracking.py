@@ -142,6 +142,9 @@ class Run:
     def log_dict(self, obj: Any, path: str):
         self.client.log_dict(self.id, obj, path)
 
+    def log_text(self, text: str, path: str):
+        self.client.log_text(self.id, text, path)
+
     def log_artifact(self, local_path: Path, artifact_dir: str | None = None):
         self.client.log_artifact(self.id, str(local_path), artifact_dir)
 
@@ -184,14 +187,17 @@ def _active(run_id: str):
         yield
 
 
-def _open(uri: str, experiment: str | None, run_name: str | None, parent: str | None) -> str:
-    """The id of the run to log into: a new run (a child of ``parent``, or of the run active
-    in this process, when there is one), or under ``mlflow run`` with no parent, the run
-    ``mlflow run`` opened (``MLFLOW_RUN_ID``)."""
+def _open(uri: str, experiment: str | None, run_name: str | None, parent: str | None,
+          existing: str | None = None) -> str:
+    """The id of the run to log into: ``existing`` (a run continued), a new run (a child of
+    ``parent``, or of the run active in this process, when there is one), or under
+    ``mlflow run`` with no parent, the run ``mlflow run`` opened (``MLFLOW_RUN_ID``)."""
     import mlflow
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
     client = mlflow.MlflowClient(uri)
+    if existing:
+        return client.get_run(existing).info.run_id
     outer = os.environ.get("MLFLOW_RUN_ID")
     if outer and parent is None:
         return client.get_run(outer).info.run_id
@@ -219,13 +225,14 @@ def _create_experiment(client, name: str) -> str:
 
 @contextlib.contextmanager
 def start_run(uri: str, experiment: str | None = None, run_name: str | None = None,
-              tags: Mapping[str, Any] | None = None, parent: str | None = None) -> Iterator[Run]:
+              tags: Mapping[str, Any] | None = None, parent: str | None = None,
+              existing: str | None = None) -> Iterator[Run]:
     """Open a run and end it FINISHED, FAILED (on an exception) or KILLED (on Ctrl-C).
 
     ``parent``: the run id this one is a child of (``mlflow.parentRunId``); a run opened while
     another is active in this process is that one's child. Under ``mlflow run``
     (``MLFLOW_RUN_ID`` set) a run without ``parent`` is the run mlflow opened: one command,
-    one run.
+    one run. ``existing``: the id of a run to continue (a sweep resumed) instead of a new one.
     """
     import mlflow
     from sqlalchemy.exc import SQLAlchemyError
@@ -236,7 +243,7 @@ def start_run(uri: str, experiment: str | None = None, run_name: str | None = No
     mlflow.set_tracking_uri(uri)
     try:
         prepare_store(uri)
-        run_id = _open(uri, experiment, run_name, parent)
+        run_id = _open(uri, experiment, run_name, parent, existing)
         # Active for the fluent calls that need it (log_model, log_input); nested, so that a
         # caller's own active run stays as it was. MLflow checks the fluent experiment first.
         mlflow.set_experiment(experiment_id=mlflow.MlflowClient(uri).get_run(run_id)

@@ -50,7 +50,7 @@ def test_readme_plugin_examples_run(register_plugin, tmp_path):
     from cifarx.registry import registry
 
     modules = readme_plugins()
-    assert len(modules) == 6
+    assert len(modules) == 7
     for i, module in enumerate(modules):
         register_plugin(module, f"readme-{i}")
     cat = registry().catalog()
@@ -84,6 +84,19 @@ def test_readme_plugin_examples_run(register_plugin, tmp_path):
     assert torch.allclose((adv - x).abs().max(), torch.tensor(0.1), atol=1e-6)
     assert result.steps.tolist() == [1] * 4
     assert torch.equal(result.success, net(adv).argmax(1) != labels)
+
+    from cifarx import OptionError
+    from cifarx.trials import Outcome
+
+    inline = cat.get("executor", "inline")
+    example = next(m for m in modules if hasattr(m, "run_inline"))
+    example.run_trial = lambda trial: Outcome(trial, "KILLED" if trial == "b" else "FINISHED")
+    heard = []
+    with pytest.raises(KeyboardInterrupt):
+        inline.run(["a", "b", "c"], heard.append, max_trials=10)
+    assert [(o.trial, o.status) for o in heard] == [("a", "FINISHED"), ("b", "KILLED")]
+    with pytest.raises(OptionError, match="max_trials"):
+        inline.check(["a", "b", "c"], max_trials=2)
 
 
 # --- one declaration of the train options -------------------------------------------------

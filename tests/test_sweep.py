@@ -1,0 +1,147 @@
+"""`cifarx sweep` end to end on the local executor: child runs, a failing trial, resume, the
+summary against a hand computation, and every bad input as one line that opens no run."""
+
+import json
+import math
+import statistics
+import tempfile
+
+import pytest
+from mlflow import MlflowClient
+from scipy import stats as scipy_stats
+from typer.testing import CliRunner
+
+from cifarx.cli import app
+
+runner = CliRunner()
+
+
+def cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def tiny(data_dir):
+    return ["--set", "iters=4", "--set", "batch-size=10", "--set", "eval-every=2",
+            "--set", "device=cpu", "--set", "threads=1", "--set", f"data-dir={data_dir}"]
+
+
+def runs_of(uri, experiment):
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    return client.search_runs([found.experiment_id]) if found else []
+
+
+@pytest.fixture(scope="module")
+def swept(data_dir, tmp_path_factory):
+    """One sweep: lr 0.05 and 0.1 with 2 seeds, plus lr 1e12, which diverges."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('sweep')}/mlflow.db"
+    result = cli("sweep", *tiny(data_dir), "--grid", "lr=0.05,0.1,1e12", "--seeds", "2",
+                 "--workers", "2", "--tracking-uri", uri, "--experiment", "sweep")
+    return uri, result
+
+
+def test_trials_are_complete_child_runs_of_the_sweep(swept):
+    uri, result = swept
+    assert result.exit_code == 0, result.output
+    runs = runs_of(uri, "sweep")
+    (parent,) = [r for r in runs if r.data.tags.get("cifarx.sweep") == "true"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 6
+    assert {r.data.tags["cifarx.executor"] for r in [parent, *children]} == {"local"}
+    finished = [r for r in children if r.info.status == "FINISHED"]
+    assert len(finished) == 4 and all("final/test_acc" in r.data.metrics for r in finished)
+    assert sorted(r.data.params["lr"] for r in finished) == ["0.05", "0.05", "0.1", "0.1"]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["axis.lr"] == "0.05,0.1,1e12"  # as written
+    artifacts = {a.path for a in MlflowClient(uri).list_artifacts(parent.info.run_id)}
+    assert {"sweep.json", "sweep.csv", "study.json", "figures"} <= artifacts
+
+
+def test_a_diverging_trial_fails_alone_and_is_reported(swept):
+    uri, result = swept
+    runs = runs_of(uri, "sweep")
+    (parent,) = [r for r in runs if r.data.tags.get("cifarx.sweep") == "true"]
+    failed = [r for r in runs if r.info.status == "FAILED"]
+    assert len(failed) == 2 and all(r.data.params["lr"] == "1000000000000.0" for r in failed)
+    assert all("cifarx.diverged_at" in r.data.tags for r in failed)
+    assert len(parent.data.tags["cifarx.failed_trials"].split(",")) == 2
+    assert "FAILED" in result.output and "training diverged" in result.output
+
+
+def test_the_summary_matches_a_hand_computation(swept):
+    uri, _ = swept
+    runs = runs_of(uri, "sweep")
+    (parent,) = [r for r in runs if r.data.tags.get("cifarx.sweep") == "true"]
+    client = MlflowClient(uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(client.download_artifacts(parent.info.run_id, "sweep.json", tmp)) as f:
+            summary = json.load(f)
+    for row in summary["configurations"]:
+        lr = row["lr"]
+        accs = [r.data.metrics["final/test_acc"] for r in runs
+                if r.data.tags.get("mlflow.parentRunId") and r.info.status == "FINISHED"
+                and float(r.data.params["lr"]) == float(lr)]
+        mean, std = statistics.mean(accs), statistics.stdev(accs)
+        half = scipy_stats.t.ppf(0.975, len(accs) - 1) * std / math.sqrt(len(accs))
+        assert row["final/test_acc_n"] == 2
+        assert row["final/test_acc_mean"] == pytest.approx(mean)
+        assert row["final/test_acc_std"] == pytest.approx(std)
+        assert row["final/test_acc_ci_low"] == pytest.approx(mean - half)
+        assert row["final/test_acc_ci_high"] == pytest.approx(mean + half)
+    assert len(summary["configurations"]) == 2  # the diverging one has no finished trial
+
+
+def test_resume_runs_exactly_the_missing_and_failed_trials(swept, data_dir):
+    uri, _ = swept
+    before = runs_of(uri, "sweep")
+    (parent,) = [r for r in before if r.data.tags.get("cifarx.sweep") == "true"]
+    result = cli("sweep", "--resume", parent.info.run_id, "--tracking-uri", uri)
+    assert result.exit_code == 0, result.output
+    assert "4 trial(s) finished earlier were not run again" in result.output
+    after = runs_of(uri, "sweep")
+    new = [r for r in after if r.info.run_id not in {b.info.run_id for b in before}]
+    assert len(new) == 2 and all(r.data.params["lr"] == "1000000000000.0" for r in new)
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in new)
+
+
+def test_dry_run_lists_the_trials_and_opens_no_run(data_dir, tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = cli("sweep", *tiny(data_dir), "--grid", "lr=0.05,0.1", "--grid",
+                 "arch-opt.activation=relu,silu", "--seeds", "3", "--dry-run",
+                 "--tracking-uri", uri)
+    assert result.exit_code == 0, result.output
+    assert "12 trials (4 configurations x 3 seeds) on local; no run opened" in result.stdout
+    assert "lr=0.1 arch-opt.activation=silu seed=2" in result.stdout
+    assert runs_of(uri, "cifarx-sweep") == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--workers", "0"], "--workers=0: not accepted by local; accepted: a whole number in"),
+    (["--executor", "slurm"], "unknown executor 'slurm'"),
+    (["--seeds", "0"], "--seeds must be at least 1"),
+    (["--grid", "lr"], "--grid 'lr': expected KEY=VALUE"),
+    (["--grid", "speed=1"], "unknown option 'speed'"),
+    (["--grid", "optimizer=sgd,lion"], "unknown optimizer 'lion'"),
+    (["--grid", "arch-opt.activation=relu,tanh"], "activation=tanh: not accepted by table1"),
+    (["--executor-opt", "colour=red"], "local has no option 'colour'"),
+])
+def test_bad_input_is_one_line_and_opens_no_run(data_dir, tmp_path, args, message):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = cli("sweep", *tiny(data_dir), *args, "--tracking-uri", uri, "--dry-run")
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cifarx: error: ") and message in lines[0]
+    assert not (tmp_path / "mlflow.db").exists() or runs_of(uri, "cifarx-sweep") == []
+
+
+def test_bad_study_files_and_resume_targets_are_one_line(tmp_path, tracking_uri):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("seeds = [")
+    result = cli("sweep", bad, "--tracking-uri", tracking_uri)
+    assert result.exit_code == 2 and "not valid TOML" in result.stderr
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name("plain")
+    experiment = found.experiment_id if found else client.create_experiment("plain")
+    plain = client.create_run(experiment).info.run_id
+    result = cli("sweep", "--resume", plain, "--tracking-uri", tracking_uri)
+    assert result.exit_code == 2 and "is not a sweep" in result.stderr
