@@ -23,7 +23,7 @@ from .options import OptionError, flag_label, reword, show
 from .registry import Catalog, catalog as default_catalog
 from .studies import (Configuration, Study, axes_of, configurations, digest, from_dict,
                       raw_of)
-from .tracking import start_run, tracking_uri as resolve_uri
+from .tracking import quiet_mlflow, start_run, tracking_uri as resolve_uri
 from .trials import EXECUTOR_TAG, TRIAL_TAG, Outcome, Trial
 
 SWEEP_TAG = "cifarx.sweep"  # "true" on a sweep's run
@@ -153,6 +153,7 @@ def sweep_run(sweep: SweepPlan, resume: str | None = None,
     if any, is continued). ``on_outcome(outcome, done, total)`` hears each trial as it ends.
     """
     study, uri = sweep.study, sweep.uri
+    quiet_mlflow()
     existing = resume or find_sweep(uri, study.experiment, sweep.digest)
     earlier = finished_children(uri, existing) if existing else {}
     tags = {SWEEP_TAG: "true", DIGEST_TAG: sweep.digest, EXECUTOR_TAG: sweep.executor.name}

@@ -42,7 +42,7 @@ def tracking_uri(option: str | None = None) -> str:
     return uri
 
 
-def _quiet_mlflow():
+def quiet_mlflow():
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
@@ -239,7 +239,7 @@ def start_run(uri: str, experiment: str | None = None, run_name: str | None = No
 
     from .store import prepare_store
 
-    _quiet_mlflow()
+    quiet_mlflow()
     mlflow.set_tracking_uri(uri)
     try:
         prepare_store(uri)
@@ -298,7 +298,7 @@ def load_model(uri: str, tracking: str, device: torch.device | str = "cpu") -> n
     import torch
     from torch import nn
 
-    _quiet_mlflow()
+    quiet_mlflow()
     mlflow.set_tracking_uri(tracking)
     if "://" not in uri and ":/" not in uri:
         path = Path(uri).expanduser()

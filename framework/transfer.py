@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from .adversarial import SET_ARTIFACT, SET_KEYS
 from .errors import UserError
 from .inference import predict
-from .tracking import Run, _quiet_mlflow
+from .tracking import Run, quiet_mlflow
 
 
 def load_set(ref: str, uri: str, flag: str = "--adversarial") -> dict[str, Any]:
@@ -27,7 +27,7 @@ def load_set(ref: str, uri: str, flag: str = "--adversarial") -> dict[str, Any]:
     path = Path(ref).expanduser()
     if path.suffix == ".pt" and path.is_file():
         return read_set(path, ref, flag)
-    _quiet_mlflow()
+    quiet_mlflow()
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(uri)
     accepted = "accepted: the run id of a `cifarx attack` run, or a set.pt file"

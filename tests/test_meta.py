@@ -159,7 +159,8 @@ def test_mlproject_declares_cli_options_with_their_defaults():
 
 # --- start-up -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["attack", "--help"]])
+@pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["attack", "--help"],
+                                  ["sweep", "--help"]])
 def test_help_imports_no_torch_mlflow_or_matplotlib(args):
     import subprocess
     import sys
