@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "cifarx"
+# The experiment tag that makes MLflow 3's UI open an experiment on its runs (model training);
+# set on the experiments cifarx logs to, unless the user set another kind.
+EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 MODEL_ARTIFACT = "model"
 
 # (key, value, step, timestamp in ms)
@@ -206,6 +209,9 @@ def _open(uri: str, experiment: str | None, run_name: str | None, parent: str | 
     name = experiment or DEFAULT_EXPERIMENT
     found = client.get_experiment_by_name(name)
     experiment_id = found.experiment_id if found else _create_experiment(client, name)
+    if EXPERIMENT_KIND not in (found.tags if found else {}):
+        # MLflow 3's UI shows an experiment without this tag as GenAI (traces), not its runs
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
     tags = {MLFLOW_PARENT_RUN_ID: parent} if parent else {}
     return client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
 

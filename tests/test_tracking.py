@@ -200,3 +200,15 @@ def test_under_mlflow_run_a_child_run_is_new_not_the_outer_one(tracking_uri, in_
     assert child.id != outer
     assert client.get_run(child.id).data.tags["mlflow.parentRunId"] == outer
     assert client.get_run(outer).info.status == "RUNNING"  # the outer run is mlflow run's to end
+
+
+def test_experiments_open_on_their_runs_in_the_mlflow_ui(tracking_uri, in_tmp):
+    client = MlflowClient(tracking_uri)
+    with start_run(tracking_uri, "kind-new", "a"):
+        pass
+    assert client.get_experiment_by_name("kind-new").tags["mlflow.experimentKind"] == \
+        "custom_model_development"
+    chosen = client.create_experiment("kind-chosen", tags={"mlflow.experimentKind": "genai"})
+    with start_run(tracking_uri, "kind-chosen", "b"):
+        pass
+    assert client.get_experiment(chosen).tags["mlflow.experimentKind"] == "genai"  # the user's
