@@ -510,10 +510,12 @@ def sweep(
         help="Seeds 0..N-1 for every configuration (default: the study's, else 1).",
         show_default=False)] = None,
     search: Annotated[Optional[str], typer.Option(
-        help="grid (every combination) or random (--trials draws from [random]).",
+        help="grid (every combination), random (--trials draws from [random]) or tpe "
+             "(Optuna's TPE picks --trials configurations from [random] and [grid], "
+             "learning from the results; poor trials are pruned).",
         show_default=False)] = None,
     trials: Annotated[Optional[int], typer.Option(
-        help="Random search: configurations drawn.", show_default=False)] = None,
+        help="Random and tpe search: configurations tried.", show_default=False)] = None,
     metric: Annotated[Optional[str], typer.Option(
         help="The metric that ranks configurations (default: final/test_acc).",
         show_default=False)] = None,

@@ -13,6 +13,8 @@ is at that step, in eval mode (:func:`cifarx.adversarial.attack_mode`).
 
 Metrics reach the host (and the listeners) every ``FLUSH_EVERY`` steps and at each evaluation;
 a NaN or infinite loss is noticed there and stops the run (:class:`cifarx.errors.Diverged`).
+A listener that raises :class:`Stop` (a search's pruner: :class:`Pruned`) ends the training
+early and cleanly: :func:`train` returns what it measured so far, with ``Result.stopped``.
 """
 
 from __future__ import annotations
@@ -44,6 +46,19 @@ ADV_TRIAL = 2  # training images an --adv-train attack is tried on before the ru
 Listener = Callable[[list[Point]], None]
 
 
+class Stop(Exception):
+    """Raised by a listener to end the training after this flush, cleanly: :func:`train`
+    returns its result so far (``Result.stopped``), the run ends as a finished one."""
+
+    def __init__(self, step: int, reason: str):
+        super().__init__(reason)
+        self.step, self.reason = step, reason
+
+
+class Pruned(Stop):
+    """A search's pruner stopped a poor trial (its run is tagged ``cifarx.pruned``)."""
+
+
 @dataclass
 class Setup:
     """A run's model, initialized, and its probes, attached to the model's network; the
@@ -65,6 +80,8 @@ class Result:
     test_loss: float
     seconds: float
     images_per_second: float
+    steps: int = 0  # iterations trained: ``iters``, fewer when stopped
+    stopped: Stop | None = None  # a listener ended the training early
 
 
 def plugin_call(kind: str, plugin: str | None, values: Mapping, fn: Callable, *args):
@@ -118,7 +135,8 @@ def train(plan: Plan, data: ImageData, setup: Setup | None = None,
 
     ``setup`` is :func:`assemble`'s result, when the caller built the model first. Raises
     :class:`Diverged` (with the metrics so far as ``history``) when the loss becomes NaN or
-    infinite.
+    infinite. A listener's :class:`Stop` ends the training after that flush: the result holds
+    the metrics so far and the last evaluation's test accuracy and loss.
     """
     cfg = plan.config
     device = plan.device
@@ -145,6 +163,16 @@ def train(plan: Plan, data: ImageData, setup: Setup | None = None,
     start = time.perf_counter()
     test_loss = test_acc = torch.tensor(float("nan"))
     checked = 0  # train/loss points already checked for NaN and infinity
+    stopped: Stop | None = None
+    step = 0
+
+    def flush() -> Stop | None:
+        try:
+            metrics.flush()
+        except Stop as stop:  # the points reached the listeners before it
+            return stop
+        return None
+
     try:
         for step in range(1, cfg.iters + 1):
             x, y = train_set.batch(next_batch())
@@ -181,18 +209,21 @@ def train(plan: Plan, data: ImageData, setup: Setup | None = None,
                                                             cfg.precision)
                 metrics.add(step, {"test/loss": test_loss, "test/acc": test_acc})
             if evaluated or step % FLUSH_EVERY == 0:
-                metrics.flush()
+                stopped = flush()
                 losses = metrics.history["train/loss"]
                 bad = next(((s, v) for s, v in losses[checked:] if not math.isfinite(v)), None)
                 checked = len(losses)
                 if bad is not None:
                     raise diverged(plan, *bad, metrics.history)
+                if stopped is not None:
+                    break
     finally:
-        metrics.flush()  # what was measured is kept, also when the run fails or is interrupted
+        flush()  # what was measured is kept, also when the run fails or is interrupted
     seconds = time.perf_counter() - start
     return Result(model=model, history=metrics.history, test_acc=float(test_acc),
                   test_loss=float(test_loss), seconds=seconds,
-                  images_per_second=cfg.iters * cfg.batch_size / seconds)
+                  images_per_second=step * cfg.batch_size / seconds, steps=step,
+                  stopped=stopped)
 
 
 def diverged(plan: Plan, step: int, value: float, history) -> Diverged:

@@ -29,6 +29,9 @@ from .tracking import (DEFAULT_EXPERIMENT, Run, data_digest, git_commit, load_mo
                        source_run_id, start_run, tracking_uri)
 
 
+PRUNED_TAG = "cifarx.pruned"  # "true" on a run a search's pruner stopped early
+
+
 @dataclass(frozen=True)
 class Tracking:
     """Where a run is logged. ``uri`` None: ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``;
@@ -130,7 +133,9 @@ def train_run(config: TrainConfig | TrainJob, tracking: Tracking = Tracking(),
     """Train and log the run: params, dataset, metrics as they come, figures, the model.
 
     Raises :class:`Diverged` when the loss becomes NaN or infinite (the run ends FAILED with
-    its metrics and figures, tagged ``cifarx.diverged_at``).
+    its metrics and figures, tagged ``cifarx.diverged_at``). A listener's :class:`loop.Stop`
+    ends the training early: the run ends FINISHED with what it measured, everything logged as
+    usual, tagged ``cifarx.stopped_at`` (and ``cifarx.pruned = true`` for :class:`loop.Pruned`).
     """
     job = config if isinstance(config, TrainJob) else \
         prepare_training(config, catalog, tracking.uri)
@@ -157,6 +162,9 @@ def train_run(config: TrainConfig | TrainJob, tracking: Tracking = Tracking(),
                         f"{cfg.arch}: diverged at iteration {exc.step} (loss {exc.value})")
             raise Diverged(f"{exc}; run {run.id} ends FAILED with its metrics up to there",
                            exc.step, exc.value) from None
+        if result.stopped is not None:
+            run.set_tags({"cifarx.stopped_at": result.steps, **(
+                {PRUNED_TAG: "true"} if isinstance(result.stopped, loop.Pruned) else {})})
         model_uri = finish(plan, result, run, third_party(job.catalog, plan.plugins()))
         experiment_id = run.experiment_id
     return TrainRun(job, result, run.id, experiment_id, model_uri)
@@ -175,12 +183,14 @@ def log_figures(plan: Plan, history: Mapping[str, list[tuple[int, float]]], run:
 def finish(plan: Plan, result: loop.Result, run: Run, packages: tuple[str, ...]) -> str:
     """Log the end-of-run summary metrics, the figures and the model; the model's URI."""
     now = int(time.time() * 1000)
-    run.log_points([(key, value, plan.config.iters, now) for key, value in {
+    run.log_points([(key, value, result.steps or plan.config.iters, now) for key, value in {
         "final/test_acc": result.test_acc, "final/test_loss": result.test_loss,
         "final/train_seconds": result.seconds, "final/images_per_second": result.images_per_second,
     }.items()])
     title = f"{plan.config.arch} ({','.join(plan.pipeline.names)}): final test accuracy " \
             f"{result.test_acc:.2%}"
+    if result.stopped is not None:
+        title += f" ({result.stopped.reason})"
     log_figures(plan, result.history, run, title)
     model = result.model.to("cpu", memory_format=torch.contiguous_format).eval()
     return run.log_model(model, packages)

@@ -13,9 +13,12 @@
     arch-opt.activation = ["relu", "silu"]
 
 ``[[configurations]]`` tables list configurations one by one (each combined with every point
-of the grid, if there is one). ``search = "random"`` with ``trials = N`` draws N configurations from ``[random]``, whose keys
-give ``{uniform = [a, b]}``, ``{log-uniform = [a, b]}``, ``{int = [a, b]}`` or
-``{choice = [...]}``. Plugin options are keys of their own: ``arch-opt.NAME``,
+of the grid, if there is one). ``search = "random"`` with ``trials = N`` draws N configurations
+from ``[random]``, whose keys give ``{uniform = [a, b]}``, ``{log-uniform = [a, b]}``,
+``{int = [a, b]}`` or ``{choice = [...]}``. ``search = "tpe"`` with ``trials = N`` lets Optuna's
+TPE sampler choose N configurations from the same ranges (and the grid's values, as choices),
+each from the results so far; ``pruner = "median"`` (its default) or ``"none"``, with
+``pruner-startup`` and ``pruner-warmup``, stops poor trials early (see :mod:`cifarx.sweep`). Plugin options are keys of their own: ``arch-opt.NAME``,
 ``attack-opt.NAME``, ``dataset-opt.NAME``, ``aug-opt.PLUGIN.NAME``, ``probe-opt.PLUGIN.NAME``.
 Every trial is planned (every name and value checked) before the sweep opens a run.
 """
@@ -38,8 +41,11 @@ from .config import TrainConfig
 from .errors import UserError
 
 TOP_KEYS = {"experiment", "seeds", "search", "trials", "search-seed", "metric", "direction",
-            "executor", "train", "grid", "random", "configurations"}
-SEARCHES = ("grid", "random")
+            "executor", "train", "grid", "random", "configurations", "pruner", "pruner-startup",
+            "pruner-warmup"}
+SEARCHES = ("grid", "random", "tpe")
+PRUNERS = ("median", "none")
+PRUNER_STARTUP = 5  # configurations that complete before the median pruner prunes any
 OPTION_KEYS = {"arch-opt": "arch_options", "attack-opt": "attack_options",
                "dataset-opt": "dataset_options", "aug-opt": "aug_options",
                "probe-opt": "probe_options"}
@@ -56,10 +62,13 @@ class Study:
     experiment: str = "cifarx-sweep"
     seeds: tuple[int, ...] = (0,)
     search: str = "grid"
-    trials: int | None = None  # random search: configurations drawn
+    trials: int | None = None  # random and tpe search: configurations drawn
     search_seed: int = 0
     metric: str = "final/test_acc"
     direction: str = "maximize"
+    pruner: str | None = None  # tpe: "median" (None: its default) or "none"
+    pruner_startup: int = PRUNER_STARTUP
+    pruner_warmup: int | None = None  # iterations; None: a quarter of the fixed iters
     train: Mapping[str, Any] = field(default_factory=dict)  # study key -> value
     grid: Mapping[str, list] = field(default_factory=dict)
     random: Mapping[str, Mapping[str, list]] = field(default_factory=dict)
@@ -116,6 +125,8 @@ def from_dict(raw: Mapping[str, Any], where: str = "study", source: str = "") ->
         seeds=tuple(range(seeds)) if isinstance(seeds, int) else tuple(dict.fromkeys(seeds)),
         search=search, trials=raw.get("trials"), search_seed=raw.get("search-seed", 0),
         metric=raw.get("metric", Study.metric), direction=raw.get("direction", "maximize"),
+        pruner=raw.get("pruner"), pruner_startup=raw.get("pruner-startup", PRUNER_STARTUP),
+        pruner_warmup=raw.get("pruner-warmup"),
         train=flatten(raw.get("train", {}), where, "train"),
         grid=flatten(raw.get("grid", {}), where, "grid"),
         random=flatten(raw.get("random", {}), where, "random", leaves_are_tables=True),
@@ -189,12 +200,27 @@ def check(study: Study, where: str):
     if both:
         raise UserError(f"{where}: {sorted(both)[0]} is both fixed ([train]) and swept; keep one")
     if study.search == "grid" and study.random:
-        raise UserError(f"{where}: [random] needs search = \"random\"")
-    if study.search == "random":
+        raise UserError(f"{where}: [random] needs search = \"random\" or \"tpe\"")
+    if study.search in ("random", "tpe"):
         if not isinstance(study.trials, int) or isinstance(study.trials, bool) or study.trials < 1:
-            raise UserError(f"{where}: search = \"random\" needs trials = N (N >= 1)")
+            raise UserError(f"{where}: search = \"{study.search}\" needs trials = N (N >= 1)")
         if not study.random and not study.grid:
-            raise UserError(f"{where}: search = \"random\" needs a [random] table of ranges")
+            raise UserError(f"{where}: search = \"{study.search}\" needs a [random] table of "
+                            "ranges")
+    if study.search == "tpe" and study.configurations:
+        raise UserError(f"{where}: search = \"tpe\" takes [random] and [grid], not "
+                        "[[configurations]]")
+    if study.search != "tpe" and (study.pruner is not None or study.pruner_warmup is not None
+                                  or study.pruner_startup != PRUNER_STARTUP):
+        raise UserError(f"{where}: pruner, pruner-startup and pruner-warmup need "
+                        "search = \"tpe\"")
+    if study.pruner is not None and study.pruner not in PRUNERS:
+        raise UserError(f"{where}: pruner = {study.pruner!r}; accepted: {', '.join(PRUNERS)}")
+    for key, value in (("pruner-startup", study.pruner_startup),
+                       ("pruner-warmup", study.pruner_warmup)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or value < 0):
+            raise UserError(f"{where}: {key} = {value!r}; accepted: a whole number >= 0")
     if study.direction not in ("maximize", "minimize"):
         raise UserError(f"{where}: direction = {study.direction!r}; accepted: maximize, minimize")
 
@@ -278,17 +304,23 @@ def digest(obj: Any) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def configurations(study: Study) -> list[Configuration]:
+def configurations(study: Study, points: list[dict[str, Any]] | None = None
+                   ) -> list[Configuration]:
     """Every configuration of the study (seed 0): the grid's combinations, or ``trials``
-    random draws (seeded by ``search-seed``)."""
-    points: list[dict[str, Any]] = []
-    if study.search == "grid":
+    random draws (seeded by ``search-seed``); or those of ``points`` (axis -> value), e.g. a
+    tpe search's."""
+    if points is not None:
+        pass
+    elif study.search == "grid":
         keys = list(study.grid)
         grid = [dict(zip(keys, values)) for values in
                 itertools.product(*(study.grid[k] for k in keys))] if keys else [{}]
         points = [{**listed, **point} for listed in (study.configurations or [{}])
                   for point in grid]
+    elif study.search == "tpe":
+        points = corners(study)
     else:
+        points = []
         rng = random.Random(study.search_seed)
         for _ in range(study.trials):
             point = {k: rng.choice(v) for k, v in study.grid.items()}
@@ -301,6 +333,33 @@ def configurations(study: Study) -> list[Configuration]:
         config = apply({**study.train, **axes}, where)
         found.append(Configuration(digest(asdict(config)), axes, config))
     return found
+
+
+def corners(study: Study) -> list[dict[str, Any]]:
+    """Points that check a search space before a model-based search picks from it: every
+    choice and both ends of every range, each with the other axes at their first value."""
+    ends = {k: list(v) for k, v in study.grid.items()}
+    for key, spec in study.random.items():
+        kind, args = next(iter(spec.items()))
+        ends[key] = list(args) if kind == "choice" else \
+            [int(a) for a in args] if kind == "int" else [float(a) for a in args]
+    first = {k: v[0] for k, v in ends.items()}
+    points = [first]
+    for key, values in ends.items():
+        points += [{**first, key: v} for v in values[1:]]
+    return points
+
+
+def pruner_warmup(study: Study) -> int:
+    """Iterations before a trial may be pruned: ``pruner-warmup``, else a quarter of the
+    study's fixed ``iters`` (or of the default)."""
+    if study.pruner_warmup is not None:
+        return study.pruner_warmup
+    iters = study.train.get("iters", TrainConfig.iters)
+    try:
+        return max(0, int(iters) // 4)
+    except (TypeError, ValueError):
+        return 0
 
 
 def draw(rng: random.Random, spec: Mapping[str, list]) -> Any:
@@ -339,6 +398,12 @@ def raw_of(study: Study) -> dict[str, Any]:
            "configurations": [dict(p) for p in study.configurations]}
     if study.trials is not None:
         raw["trials"] = study.trials
+    if study.pruner is not None:
+        raw["pruner"] = study.pruner
+    if study.pruner_startup != PRUNER_STARTUP:
+        raw["pruner-startup"] = study.pruner_startup
+    if study.pruner_warmup is not None:
+        raw["pruner-warmup"] = study.pruner_warmup
     return raw
 
 

@@ -5,11 +5,23 @@ holds the study (``study.json``), the axes as params, and at the end the summary
 (``sweep.json``, ``sweep.csv``, figures). A sweep is found again by its trials' digest (the same
 study run again into the same experiment) or by its run id (``--resume``): only the trials
 that are missing, FAILED or KILLED run; a finished trial never runs twice.
+
+A tpe search (``search = "tpe"``) asks Optuna's TPE sampler (seeded by ``search-seed``) for
+configurations through its ask/tell interface: first the sampler's random start (its first
+``TPE_STARTUP`` configurations, which do not depend on results; planned and checked before the
+run opens, and listed by ``--dry-run``), then as many as the executor runs at once
+(:func:`parallelism`), until ``trials`` configurations. A configuration's value is the mean of
+the metric over its seeds, told as soon as its last seed ends; one FAILED seed fails it. The
+study lives in an Optuna journal file in a temporary folder (logged with the sweep as
+``optuna.journal``) that the workers reach: its pruner (:func:`cifarx.trials.pruning_listener`)
+stops poor trials early. Such a sweep is not resumed: each run is a new search.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -21,15 +33,19 @@ from .config import OPTION_FLAGS, plan as make_plan, resolve_plugin_options
 from .errors import UserError
 from .options import OptionError, flag_label, reword, show
 from .registry import Catalog, catalog as default_catalog
-from .studies import (Configuration, Study, axes_of, configurations, digest, from_dict,
-                      raw_of)
+from .studies import (Configuration, Study, apply, axes_of, configurations, digest, from_dict,
+                      pruner_warmup, raw_of)
 from .tracking import quiet_mlflow, start_run, tracking_uri as resolve_uri
-from .trials import EXECUTOR_TAG, TRIAL_TAG, Outcome, Trial
+from .trials import EXECUTOR_TAG, TRIAL_TAG, Outcome, Pruning, Trial, make_pruner
 
 SWEEP_TAG = "cifarx.sweep"  # "true" on a sweep's run
 DIGEST_TAG = "cifarx.sweep.digest"  # of its trials: the same study finds its sweep again
 FAILED_TAG = "cifarx.failed_trials"
 STUDY_ARTIFACT = "study.json"
+TPE_STARTUP = 10  # configurations the TPE sampler draws at random before it models results
+# what a tpe search can optimize (a trial's outcome has these), and the curve its pruner follows
+SEARCH_METRICS = {"final/test_acc": "test/acc", "final/test_loss": "test/loss",
+                  "final/train_seconds": None, "final/images_per_second": None}
 
 
 @dataclass
@@ -43,6 +59,26 @@ class SweepPlan:
     executor_options: dict[str, Any]
     uri: str
     digest: str
+    search: Search | None = None  # a tpe search: its sampler and space
+
+
+@dataclass
+class Search:
+    """A tpe search, planned: the seeded sampler (it drew ``first``), each axis's Optuna
+    distribution, the configurations asked at once after the first, the pruner."""
+
+    sampler: Any
+    distributions: dict[str, Any]
+    encoded: dict[str, dict[str, Any]]  # axis -> {choice as Optuna holds it: value as written}
+    first: list[dict[str, Any]]  # the first configurations' Optuna params
+    batch: int  # configurations asked at once after the first
+    pruner: tuple | None  # ("median", startup, warmup), or None
+    curve: str | None  # what the pruner follows
+
+    def axes(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Optuna's params as the study's axis values."""
+        return {k: self.encoded[k][params[k]] if k in self.encoded else params[k]
+                for k in self.distributions}
 
 
 @dataclass
@@ -67,10 +103,12 @@ def plan_sweep(study: Study, executor: str = "local", executor_options=(),
     label = lambda name: flags.get(name) or flag_label(  # noqa: E731
         OPTION_FLAGS["executor"][0], None, name)
     values = resolve_plugin_options("executor", found, executor_options, label)
-    points = configurations(study)
+    search = plan_search(study, found.name, values) if study.search == "tpe" else None
+    checked = configurations(study)  # tpe: every choice and both ends of every range
+    points = configurations(study, [search.axes(p) for p in search.first]) if search else checked
     if not points:
         raise UserError("the study has no configuration: its grid is empty")
-    for point in points:
+    for point in (checked + points if search else points):
         try:
             make_plan(point.config, catalog)
         except UserError as exc:
@@ -88,7 +126,75 @@ def plan_sweep(study: Study, executor: str = "local", executor_options=(),
         except OptionError as exc:
             raise reword(exc, label, values) from None
     return SweepPlan(study, points, trials, found, values, uri,
-                     digest(sorted(t.key for t in trials)))
+                     digest(raw_of(study)) if search else digest(sorted(t.key for t in trials)),
+                     search)
+
+
+def parallelism(executor: str, options: dict[str, Any]) -> int:
+    """Trials an executor runs at once, as far as the sweep can tell: ``workers`` where the
+    executor has that option; for ray, this machine's CPUs over ``trial_cpus``; else 1."""
+    if "workers" in options:
+        return max(1, int(options["workers"]))
+    if executor == "ray":
+        return max(1, int((os.cpu_count() or 1) // max(float(options.get("trial_cpus", 1)),
+                                                        1e-9)))
+    return 1
+
+
+def plan_search(study: Study, executor: str, options: dict[str, Any]) -> Search:
+    """The tpe search's space, sampler and pruner; its first configurations drawn."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if study.metric not in SEARCH_METRICS:
+        raise UserError(f"metric = {study.metric!r}: a tpe search optimizes what every trial "
+                        f"reports: {', '.join(SEARCH_METRICS)}")
+    pruner = None if study.pruner == "none" else ("median", study.pruner_startup,
+                                                   pruner_warmup(study))
+    curve = SEARCH_METRICS[study.metric]
+    if pruner and curve is None:
+        raise UserError(f"pruner = \"median\" follows the metric's test curve, and "
+                        f"{study.metric} has none; set pruner = \"none\"")
+    if pruner and remote_workers(executor, options):
+        raise UserError("pruning needs the workers to reach the search's journal file on this "
+                        "machine, which a remote Ray cluster's nodes cannot; set pruner = "
+                        "\"none\" in the study")
+    distributions, encoded = {}, {}
+    specs = {**{k: {"choice": list(v)} for k, v in study.grid.items()}, **study.random}
+    for key, spec in specs.items():
+        kind, args = next(iter(spec.items()))
+        if kind == "choice":
+            plain = all(v is None or isinstance(v, (bool, int, float, str)) for v in args)
+            choices = list(args) if plain else list(dict.fromkeys(json.dumps(v) for v in args))
+            if not plain:
+                encoded[key] = {json.dumps(v): v for v in args}
+            distributions[key] = optuna.distributions.CategoricalDistribution(choices)
+        elif kind == "int":
+            distributions[key] = optuna.distributions.IntDistribution(int(args[0]), int(args[1]))
+        else:
+            distributions[key] = optuna.distributions.FloatDistribution(
+                float(args[0]), float(args[1]), log=kind == "log-uniform")
+    batch = max(1, math.ceil(parallelism(executor, options) / len(study.seeds)))
+    sampler = optuna.samplers.TPESampler(seed=study.search_seed, n_startup_trials=TPE_STARTUP)
+    drawing = optuna.create_study(sampler=sampler, direction=study.direction)
+    first = [drawing.ask(distributions).params
+             for _ in range(min(study.trials, max(batch, TPE_STARTUP)))]
+    return Search(sampler, distributions, encoded, first, batch, pruner, curve)
+
+
+def remote_workers(executor: str, options: dict[str, Any]) -> bool:
+    """Whether the executor runs trials on other machines (ray at a remote address)."""
+    if executor != "ray":
+        return False
+    from .plugins.executors import host_port, is_remote
+
+    given = options.get("address") or os.environ.get("RAY_ADDRESS", "")
+    if not given or given == "auto":
+        return False
+    try:
+        return is_remote(host_port(given)[0])
+    except ValueError:
+        return False
 
 
 def trial_name(axes: dict[str, Any], seed: int) -> str:
@@ -124,7 +230,11 @@ def load_resumed(run_id: str, uri: str) -> Study:
                         f"tag {SWEEP_TAG}); accepted: the run id a `cifarx sweep` printed")
     with tempfile.TemporaryDirectory() as tmp:
         path = client.download_artifacts(run_id, STUDY_ARTIFACT, tmp)
-        return from_dict(json.loads(Path(path).read_text()), f"--resume {run_id}")
+        study = from_dict(json.loads(Path(path).read_text()), f"--resume {run_id}")
+    if study.search == "tpe":
+        raise UserError(f"--resume {run_id}: a tpe search is not resumed; run its study again "
+                        "for a new search")
+    return study
 
 
 def finished_children(uri: str, parent: str) -> dict[str, Outcome]:
@@ -154,7 +264,8 @@ def sweep_run(sweep: SweepPlan, resume: str | None = None,
     """
     study, uri = sweep.study, sweep.uri
     quiet_mlflow()
-    existing = resume or find_sweep(uri, study.experiment, sweep.digest)
+    existing = resume or (None if sweep.search else
+                          find_sweep(uri, study.experiment, sweep.digest))
     earlier = finished_children(uri, existing) if existing else {}
     tags = {SWEEP_TAG: "true", DIGEST_TAG: sweep.digest, EXECUTOR_TAG: sweep.executor.name}
     name = f"sweep {', '.join(axes_of(study)) or 'seeds'}"
@@ -162,8 +273,13 @@ def sweep_run(sweep: SweepPlan, resume: str | None = None,
         if not existing:
             run.log_params({
                 "search": study.search, "seeds": ",".join(map(str, study.seeds)),
-                "executor": sweep.executor.name, "trials": len(sweep.trials),
-                "configurations": len(sweep.configurations), "metric": study.metric,
+                "executor": sweep.executor.name,
+                "trials": study.trials * len(study.seeds) if sweep.search else len(sweep.trials),
+                "configurations": study.trials if sweep.search else len(sweep.configurations),
+                "metric": study.metric,
+                **({"pruner": ",".join(map(str, sweep.search.pruner or ("none",))),
+                    "search_seed": study.search_seed}
+                   if sweep.search else {}),
                 **{f"executor.{k}": show(v) for k, v in sweep.executor_options.items()},
                 **{f"axis.{k}": ",".join(show(v) for v in values)
                    for k, values in study.grid.items()},
@@ -181,18 +297,150 @@ def sweep_run(sweep: SweepPlan, resume: str | None = None,
                 on_outcome(outcome, len(outcomes), len(todo))
 
         start = time.perf_counter()
-        if todo:
-            sweep.executor.run(todo, heard, **sweep.executor_options)
-        seconds = time.perf_counter() - start
-        result = summarize(sweep, run, outcomes, earlier, seconds)
+        if sweep.search is not None:
+            result = run_search(sweep, run, on_outcome, start)
+        else:
+            if todo:
+                sweep.executor.run(todo, heard, **sweep.executor_options)
+            seconds = time.perf_counter() - start
+            result = summarize(sweep, run, outcomes, earlier, seconds)
         experiment_id = run.experiment_id
     result.run_id, result.experiment_id = run.id, experiment_id
     return result
 
 
+def run_search(sweep: SweepPlan, run, on_outcome, start: float) -> SweepResult:
+    """A tpe search: ask, run, tell, until ``trials`` configurations; then the summary, the
+    Optuna study's best and the parameters' importances, logged with the sweep's run."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+    from optuna.trial import TrialState
+
+    from .console import err
+
+    study, search = sweep.study, sweep.search
+    if study.metric.startswith(("final/test_", "test/")):
+        err.print(f"cifarx: warning: the search selects on {study.metric}, measured on the test "
+                  "set: the best configuration's test accuracy is optimistic (a validation "
+                  "split will come)", highlight=False, soft_wrap=True)
+    total = study.trials * len(study.seeds)
+    ran: list[Trial] = []
+    outcomes: list[Outcome] = []
+    with tempfile.TemporaryDirectory(prefix="cifarx-search-") as tmp:
+        journal = str(Path(tmp) / "optuna.journal")
+        storage = JournalStorage(JournalFileBackend(journal))
+        name = f"sweep-{run.id}"
+        ostudy = optuna.create_study(study_name=name, storage=storage, sampler=search.sampler,
+                                     pruner=make_pruner(search.pruner),
+                                     direction=study.direction)
+        for params in search.first:  # as planned (and checked) before the run opened
+            ostudy.enqueue_trial(params)
+        waiting: dict[int, tuple[Any, list[Outcome]]] = {}  # cifarx trial number -> group
+
+        def heard(outcome: Outcome):
+            outcomes.append(outcome)
+            if on_outcome is not None:
+                on_outcome(outcome, len(outcomes), total)
+            otrial, group = waiting.pop(outcome.trial.number)
+            group.append(outcome)
+            if len(group) == len(study.seeds):
+                tell(ostudy, otrial, group, study.metric)
+
+        asked, size = 0, len(search.first)
+        while asked < study.trials:
+            batch = []
+            for _ in range(min(size, study.trials - asked)):
+                otrial = ostudy.ask(search.distributions)
+                axes = search.axes(otrial.params)
+                group: list[Outcome] = []
+                config = apply({**study.train, **axes}, "study")
+                for i, seed in enumerate(study.seeds):
+                    config_seed = replace(config, seed=seed)
+                    pruning = Pruning(journal, name, otrial._trial_id, search.pruner,
+                                      search.curve, report=i == 0, last=config.iters
+                                      ) if search.pruner else None
+                    trial = Trial(key=digest(asdict(config_seed)), number=len(ran),
+                                  config=config_seed, axes=axes, tracking_uri=sweep.uri,
+                                  experiment=study.experiment, parent=run.id,
+                                  executor=sweep.executor.name,
+                                  run_name=trial_name(axes, seed), pruning=pruning)
+                    ran.append(trial)
+                    batch.append(trial)
+                    waiting[trial.number] = (otrial, group)
+            asked += len(batch) // len(study.seeds)
+            sweep.executor.run(batch, heard, **sweep.executor_options)
+            lost = {otrial.number: otrial for otrial, _ in waiting.values()}
+            for otrial in lost.values():  # a trial the executor never reported
+                ostudy.tell(otrial, state=TrialState.FAIL)
+            waiting.clear()
+            size = search.batch
+        seconds = time.perf_counter() - start
+        info = search_summary(ostudy, search, run)
+        run.log_artifact(journal)
+    return summarize(replace(sweep, trials=ran), run, outcomes, {}, seconds, info)
+
+
+def tell(ostudy, otrial, group: list[Outcome], metric: str):
+    """A configuration's result to Optuna: pruned if any seed was, failed if any seed failed
+    (or lacks the metric), else the metric's mean over the seeds."""
+    from optuna.trial import TrialState
+
+    values = [o.metrics.get(metric) for o in group if o.status == "FINISHED"]
+    if any(o.status == "PRUNED" for o in group):
+        ostudy.tell(otrial, state=TrialState.PRUNED)
+    elif len(values) == len(group) and all(v is not None and math.isfinite(v) for v in values):
+        ostudy.tell(otrial, sum(values) / len(values))
+    else:
+        ostudy.tell(otrial, state=TrialState.FAIL)
+
+
+def search_summary(ostudy, search: Search, run) -> dict[str, Any]:
+    """The Optuna study's trials, best and parameter importances (and their figure)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    trials = ostudy.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    best = max(complete, key=lambda t: t.value if ostudy.direction.name == "MAXIMIZE"
+               else -t.value) if complete else None
+    info: dict[str, Any] = {
+        "sampler": "tpe", "pruner": list(search.pruner) if search.pruner else None,
+        "pruned_curve": search.curve if search.pruner else None,
+        "first": len(search.first), "batch": search.batch,
+        "best": {"number": best.number, "params": search.axes(best.params),
+                 "value": best.value} if best else None,
+        "trials": [{"number": t.number, "state": t.state.name, "value": t.value,
+                    "params": search.axes(t.params) if t.params else {}} for t in trials],
+        "importances": None}
+    if len(complete) >= 2 and search.distributions:
+        try:
+            importances = optuna.importance.get_param_importances(ostudy)
+        except Exception as exc:  # too few distinct results, ...
+            info["importances_error"] = f"{type(exc).__name__}: {exc}"
+        else:
+            info["importances"] = importances
+            run.log_figure(importance_figure(importances), "figures/sweep_importances.png")
+    return info
+
+
+def importance_figure(importances: dict[str, float]):
+    from .figures import plt
+
+    names = list(importances)[::-1]
+    fig, ax = plt.subplots(figsize=(6, 1 + 0.4 * len(names)))
+    ax.barh(names, [importances[n] for n in names], color="tab:blue")
+    ax.set_xlabel("importance (Optuna, PED-ANOVA; sums to 1)")
+    ax.set_xlim(0, 1)
+    ax.set_title("what the metric depends on")
+    fig.tight_layout()
+    return fig
+
+
 def summarize(sweep: SweepPlan, run, outcomes: list[Outcome], earlier: dict,
-              seconds: float) -> SweepResult:
-    """The statistics over seeds, logged with the sweep's run."""
+              seconds: float, search: dict[str, Any] | None = None) -> SweepResult:
+    """The statistics over seeds, logged with the sweep's run. Pruned trials are left out of
+    the statistics (listed as ``pruned``; their curves are drawn)."""
     from .figures import sweep_axes, sweep_curves
 
     study = sweep.study
@@ -207,7 +455,8 @@ def summarize(sweep: SweepPlan, run, outcomes: list[Outcome], earlier: dict,
     summary = stats.summarize(rows, metrics) if rows else []
     ranked = stats.rank(summary, study.metric, study.direction) if summary else []
     verdict = stats.verdict(ranked, study.metric) if ranked else "no trial finished"
-    failed = [o for o in outcomes if o.status != "FINISHED"]
+    failed = [o for o in outcomes if o.status not in ("FINISHED", "PRUNED")]
+    pruned = [o for o in outcomes if o.status == "PRUNED"]
     public = stats.to_json(summary)
     run.log_dict({"metric": study.metric, "direction": study.direction, "verdict": verdict,
                   "configurations": public,
@@ -215,7 +464,11 @@ def summarize(sweep: SweepPlan, run, outcomes: list[Outcome], earlier: dict,
                              for r in stats.to_json(ranked)],
                   "failed": [{"trial": o.trial.number, "axes": dict(o.trial.axes),
                               "seed": o.trial.config.seed, "status": o.status,
-                              "error": o.error, "run_id": o.run_id} for o in failed]},
+                              "error": o.error, "run_id": o.run_id} for o in failed],
+                  **({"pruned": [{"trial": o.trial.number, "axes": dict(o.trial.axes),
+                                  "seed": o.trial.config.seed, "why": o.error,
+                                  "run_id": o.run_id} for o in pruned], "search": search}
+                     if search is not None else {})},
                  "sweep.json")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "sweep.csv"
@@ -226,15 +479,19 @@ def summarize(sweep: SweepPlan, run, outcomes: list[Outcome], earlier: dict,
         run.log_figure(sweep_axes(summary, axes, study.metric,
                                   f"{study.metric} over seeds (mean, 95% interval)"),
                        "figures/sweep_axes.png")
-    if finished:
+    if finished or pruned:
         best = ranked[0]["config"] if ranked else None
         curves = [(trial_name(t.axes, t.config.seed), config_of[t.key], curve)
                   for t, _, curve in finished]
+        curves += [(trial_name(o.trial.axes, o.trial.config.seed) + " (pruned)",
+                    config_of[o.trial.key], o.curve) for o in pruned]
         run.log_figure(sweep_curves(curves, best, "test accuracy of every trial"),
                        "figures/sweep_curves.png")
     now = int(time.time() * 1000)
     points = [("sweep/trials_finished", len(finished), 0, now),
               ("sweep/trials_failed", len(failed), 0, now), ("sweep/seconds", seconds, 0, now)]
+    if search is not None:
+        points.append(("sweep/trials_pruned", len(pruned), 0, now))
     if ranked:
         points.append((f"best/{study.metric}_mean", ranked[0][f"{study.metric}_mean"], 0, now))
     run.log_points(points)

@@ -4,6 +4,8 @@ A :class:`Trial` is picklable and self-contained: an executor (a local process p
 cluster, a plugin's scheduler) hands it to :func:`run_trial` in a worker, which trains it as an
 ordinary cifarx training run, the child of the sweep's run, and returns an :class:`Outcome`.
 A trial that raises or diverges is a FAILED outcome, never an exception: the sweep carries on.
+A trial of a search with a pruner (:class:`Pruning`) reports its test curve to the search's
+Optuna study and stops when the pruner says so: a PRUNED outcome, its run FINISHED.
 """
 
 from __future__ import annotations
@@ -33,12 +35,32 @@ class Trial:
     parent: str  # the sweep's run id
     executor: str
     run_name: str | None = None
+    pruning: Pruning | None = None  # a tpe search's pruner watches this trial
+
+
+@dataclass(frozen=True)
+class Pruning:
+    """Where a trial reports its curve and asks whether to stop: trial ``trial_id`` of the
+    Optuna study ``study_name`` in the journal file ``journal`` (which the worker must reach),
+    judged by ``pruner`` (``("median", startup trials, warmup iterations)``). Of a
+    configuration's seeds, the first reports (``report``); every seed stops once the
+    configuration is judged poor."""
+
+    journal: str
+    study_name: str
+    trial_id: int
+    pruner: tuple
+    key: str = "test/acc"  # the curve reported, at each evaluation
+    report: bool = True
+    last: int = 0  # the trial's last iteration: a trial that got there is not pruned
 
 
 @dataclass
 class Outcome:
-    """How a trial ended: ``status`` FINISHED or FAILED (KILLED: interrupted), its run, its
-    final metrics and test accuracy curve, and for a failure, one line saying why."""
+    """How a trial ended: ``status`` FINISHED, PRUNED (stopped early by a search's pruner; its
+    run is FINISHED, tagged ``cifarx.pruned``) or FAILED (KILLED: interrupted), its run, its
+    final metrics and test accuracy curve, and for a failure or a pruning, one line saying
+    why."""
 
     trial: Trial
     status: str
@@ -69,7 +91,8 @@ def run_trial(trial: Trial) -> Outcome:
                              {TRIAL_TAG: trial.key, EXECUTOR_TAG: trial.executor})
     try:
         job = runs.prepare_training(trial.config, uri=trial.tracking_uri, load=_load)
-        done = runs.train_run(job, tracking)
+        listeners = [pruning_listener(trial.pruning)] if trial.pruning else []
+        done = runs.train_run(job, tracking, listeners)
     except KeyboardInterrupt:
         return Outcome(trial, "KILLED", error="interrupted")
     except (UserError, Diverged) as exc:
@@ -82,7 +105,49 @@ def run_trial(trial: Trial) -> Outcome:
     metrics = {"final/test_acc": result.test_acc, "final/test_loss": result.test_loss,
                "final/train_seconds": result.seconds,
                "final/images_per_second": result.images_per_second}
-    return Outcome(trial, "FINISHED", done.run_id, metrics, list(result.history["test/acc"]))
+    curve = list(result.history.get("test/acc", []))
+    if result.stopped is not None:
+        return Outcome(trial, "PRUNED", done.run_id, metrics, curve, error=result.stopped.reason)
+    return Outcome(trial, "FINISHED", done.run_id, metrics, curve)
+
+
+def make_pruner(spec: tuple | None):
+    """The Optuna pruner of a spec: ``("median", startup, warmup)``; None: none."""
+    import optuna
+
+    if spec is None:
+        return optuna.pruners.NopPruner()
+    _, startup, warmup = spec
+    return optuna.pruners.MedianPruner(n_startup_trials=startup, n_warmup_steps=warmup)
+
+
+def pruning_listener(pruning: Pruning):
+    """A training loop listener that reports ``pruning.key`` to the trial's Optuna study at
+    each evaluation and raises :class:`cifarx.loop.Pruned` when the pruner says so."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from .loop import Pruned
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = JournalStorage(JournalFileBackend(pruning.journal))
+    study = optuna.load_study(study_name=pruning.study_name, storage=storage,
+                              sampler=optuna.samplers.RandomSampler(),
+                              pruner=make_pruner(pruning.pruner))
+
+    def listen(points):
+        for key, value, step, _ in points:
+            if key != pruning.key:
+                continue
+            if pruning.report:
+                storage.set_trial_intermediate_value(pruning.trial_id, step, value)
+            # the trial as stored now: the first seed's reports reach the other seeds too
+            if (not pruning.last or step < pruning.last) and \
+                    study.pruner.prune(study, storage.get_trial(pruning.trial_id)):
+                raise Pruned(step, f"pruned at iteration {step} ({key} {value:.4g})")
+
+    return listen
 
 
 def _run_of(trial: Trial) -> str | None:
