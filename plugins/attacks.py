@@ -52,9 +52,29 @@ def signed_gradient(model: nn.Module, x: Tensor, aim: Tensor, toward: bool) -> T
     return (-grad if toward else grad).sign()
 
 
+def untargeted_objective(logits: Tensor, labels: Tensor, switch: float = 0.7) -> Tensor:
+    """Per image, what an untargeted step ascends: CE(x, y) until some wrong class has
+    probability >= ``switch``, then log p of that class (see :func:`iterate`)."""
+    logp = logits.log_softmax(1)
+    top = logp.detach().scatter(1, labels[:, None], -torch.inf).argmax(1, keepdim=True)
+    lead = logp.gather(1, top).squeeze(1)
+    return torch.where(lead.detach().exp() >= switch, lead,
+                       -logp.gather(1, labels[:, None]).squeeze(1))
+
+
 def iterate(model: nn.Module, x: Tensor, labels: Tensor, targets: Tensor | None, eps: float,
             confidence: float, max_steps: int) -> tuple[Tensor, Tensor, Tensor]:
     """Signed-gradient steps of size ``eps``, each image until its goal holds or ``max_steps``.
+
+    Targeted (``targets``): descend CE(x, target). Untargeted: ascend CE(x, y), the assignment's
+    step, until some wrong class has probability >= 0.7, then ascend log p of that class (chosen
+    again at each step). Once p(true) is ~0, CE's gradient mostly lowers the true logit further
+    and raises the wrong classes only in proportion to their probability, so an image could
+    stall split between two wrong classes with its pixels at the clamp (issue 9). Switching
+    early (once misclassified, or from the start) commits to a class CE would have passed by,
+    and some (cat, on weak nets) crawl toward 0.99. Above 0.5 the class is the only possible
+    one and the image is misclassified; 0.5-0.7 measured alike, 0.7 with the fewest slow images
+    and 0.8-0.9 meeting CE's stalls first (bench/attack_stalls.py, issue 9).
 
     Returns (images, steps, success). Every pass feeds only the images still going, and its one
     forward serves both the goal check and the next step's gradient.
@@ -74,11 +94,14 @@ def iterate(model: nn.Module, x: Tensor, labels: Tensor, targets: Tensor | None,
         going = ~done
         if step == max_steps or not going.any():
             break
-        aim = (labels if targets is None else targets)[active]
         # The loss covers only the images still going; the others get a zero gradient.
-        loss = F.cross_entropy(logits[going], aim[going], reduction="sum")
+        if targets is None:
+            loss = untargeted_objective(logits[going], labels[active][going]).sum()
+            direction = 1.0
+        else:
+            loss = F.cross_entropy(logits[going], targets[active][going], reduction="sum")
+            direction = -1.0
         (grad,) = torch.autograd.grad(loss, xa)
-        direction = -1.0 if targets is not None else 1.0
         active = active[going]
         x[active] = (xa.detach()[going] + direction * eps * grad[going].sign()).clamp_(0, 1)
         steps[active] += 1
@@ -87,9 +110,10 @@ def iterate(model: nn.Module, x: Tensor, labels: Tensor, targets: Tensor | None,
 
 def build_ifgsm(model: nn.Module, eps: float = 1 / 255, confidence: float = 0.99,
                 max_steps: int = 200, target: int | str | None = None):
-    """The assignment's algorithm: x <- clip(x + eps * sign(grad_x CE(x, y))) until a wrong class
-    (or the target) has probability >= confidence; images that need more than ``max_steps``
-    steps end as failures."""
+    """The assignment's algorithm: x <- clip(x + eps * sign(grad_x L)) until a wrong class (or
+    the target) has probability >= confidence, where L is CE(x, y) until a wrong class holds
+    0.7, then log p of that class (see :func:`iterate`; targeted: x descends CE(x, target));
+    images that need more than ``max_steps`` steps end as failures."""
     model.eval()  # batch norm must not mix the images of a batch
 
     def attack(images: Tensor, labels: Tensor, generator: torch.Generator | None = None):

@@ -2,8 +2,9 @@
 
 The old update ascended CE(x, y) at every step. Once p(true) is ~0 that step mostly lowers the
 true logit further, and an image can stall split between two wrong classes with its pixels at
-the clamp. ``iterate`` now switches to the most likely wrong class once the image is far enough
-from its class; targeted attacks (and fool-noise, which uses them) still descend CE(x, target).
+the clamp. ``iterate`` now ascends log p of the most likely wrong class once that class has
+probability >= 0.7; targeted attacks (and fool-noise, which uses them) still descend
+CE(x, target).
 """
 
 import torch
