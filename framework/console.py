@@ -112,13 +112,15 @@ def transfer_table(sources: list[dict], targets: list[dict], cells: list[dict]):
 def sweep_table(ranked: list[dict[str, Any]], axes: list[str], metric: str):
     """The configurations best first: the metric over seeds, and whether each is
     distinguishable from the best."""
-    from rich.table import Table
+    from rich.table import Column, Table
 
     pct = metric.endswith("acc")
     fmt = (lambda v: "-" if math.isnan(v) else f"{v:.2%}") if pct else \
         (lambda v: "-" if math.isnan(v) else f"{v:.4g}")  # noqa: E731
-    table = Table("#", *axes, "n", f"{metric} mean", "std", "95% interval", "p vs best",
+    table = Table("#", "n", f"{metric} mean", "std", "95% interval", "p vs best",
                   "same as best", title=f"configurations by {metric}")
+    for i, axis in enumerate(axes):  # axis values in full: they say which configuration it is
+        table.columns.insert(1 + i, Column(axis, overflow="fold"))
     for row in ranked:
         same = row["same_as_best"]
         table.add_row(str(row["rank"]), *(str(row.get(a, "")) for a in axes),
