@@ -47,6 +47,8 @@ def tracking_uri(option: str | None = None) -> str:
 
 def quiet_mlflow():
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    import mlflow  # noqa: F401  importing it sets its logger's level: set ours after
+
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     # cifarx saves models with pickle on purpose (see log_model): no warning about it each time.
