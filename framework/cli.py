@@ -504,14 +504,14 @@ def sweep(
              "aug, arch-opt.activation, ...); repeatable. For aug, probe and adv-data each "
              "--grid KEY=VALUE adds one value.", show_default=False)] = None,
     set_: Annotated[Optional[list[str]], typer.Option(
-        "--set", help="A fixed option: KEY=VALUE, as in the study's [train]; repeatable.",
+        "--set", help="A fixed option: KEY=VALUE, as in the study's \\[train] table; repeatable.",
         show_default=False)] = None,
     seeds: Annotated[Optional[int], typer.Option(
         help="Seeds 0..N-1 for every configuration (default: the study's, else 1).",
         show_default=False)] = None,
     search: Annotated[Optional[str], typer.Option(
-        help="grid (every combination), random (--trials draws from [random]) or tpe "
-             "(Optuna's TPE picks --trials configurations from [random] and [grid], "
+        help="grid (every combination), random (--trials draws from the study's \\[random] table) or tpe "
+             "(Optuna's TPE picks --trials configurations from \\[random] and \\[grid], "
              "learning from the results; poor trials are pruned).",
         show_default=False)] = None,
     trials: Annotated[Optional[int], typer.Option(

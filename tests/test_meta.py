@@ -172,3 +172,17 @@ def test_help_imports_no_torch_mlflow_or_matplotlib(args):
     done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
                           timeout=60)
     assert "HEAVY []" in done.stdout, done.stdout[-500:] + done.stderr[-2000:]
+
+
+def test_help_texts_survive_rich_markup():
+    """Typer renders help as rich markup: an unescaped "[train]" would vanish from the text."""
+    import typer.main
+    from rich.text import Text
+
+    from cifarx.cli import app
+
+    group = typer.main.get_command(app)
+    for name, command in group.commands.items():
+        for text in [command.help or ""] + [getattr(p, "help", None) or "" for p in command.params]:
+            shown = Text.from_markup(text).plain
+            assert shown == text.replace("\\[", "["), f"cifarx {name}: {text!r} shows as {shown!r}"
