@@ -24,6 +24,9 @@ if TYPE_CHECKING:
     from .registry import Catalog
 
 PRECISIONS = ("auto", "fp32", "bf16")
+KEEPS = ("best", "last")  # --keep: the weights of the best evaluation, or the last ones
+# What a run measures at every evaluation, so what --monitor may follow (test/ ones leak).
+MONITORS = ("val/acc", "val/loss", "test/acc", "test/loss")
 ADV_RATIO = 0.5  # with --adv-train: the fraction of each batch replaced by adversarial images
 
 # The flag that sets each kind's options. Single-plugin kinds take NAME=VALUE, multi-plugin
@@ -68,6 +71,14 @@ class TrainConfig:
     adv_ratio: float | None = None  # the fraction of each batch they replace (ADV_RATIO)
     attack_options: tuple[str, ...] = ()
     adv_data: tuple[str, ...] = ()  # attack run ids (or set.pt files) added to the data
+    label_smoothing: float = 0.0  # F.cross_entropy's: the true class's target is 1 - s + s/K
+    l1: float = 0.0  # the loss adds l1 * sum |w| over the conv and linear weights
+    clip_grad: float | None = None  # the gradient's total L2 norm is clipped to this
+    val_split: float | None = None  # training images held out: a count, or a fraction < 1
+    early_stop: int | None = None  # patience: evaluations without improvement of monitor
+    monitor: str = "val/acc"  # the metric that selects the model (best) and stops early
+    keep: str | None = None  # the weights logged: best or last (None: best with early_stop)
+    checkpoint_every: int = 0  # iterations between checkpoints (and one at SIGTERM); 0: none
 
 
 @dataclass(frozen=True)
@@ -78,10 +89,11 @@ class Pipeline:
     normalize: Augmentation
     normalized: tuple[Augmentation, ...]
     options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # by augmentation
+    mix: tuple[Augmentation, ...] = ()  # they change the labels too (soft labels)
 
     @property
     def all(self) -> tuple[Augmentation, ...]:
-        return (*self.pixels, self.normalize, *self.normalized)
+        return (*self.pixels, self.normalize, *self.normalized, *self.mix)
 
     @property
     def names(self) -> list[str]:
@@ -104,6 +116,20 @@ class Plan:
     attack: Attack | None = None  # --adv-train's
     attack_options: Mapping[str, Any] = field(default_factory=dict)
     adv_per_batch: int = 0  # images of each batch replaced by adversarial ones
+
+    @property
+    def selects(self) -> bool:
+        """Whether the run follows ``monitor`` (the best evaluation, early stopping)."""
+        cfg = self.config
+        return cfg.val_split is not None or cfg.early_stop is not None or cfg.keep == "best"
+
+    def warnings(self) -> list[str]:
+        cfg = self.config
+        if cfg.monitor.startswith("test/") and (cfg.early_stop is not None or cfg.keep == "best"):
+            return [f"--monitor {cfg.monitor} selects the model on the test set: its test "
+                    "accuracy is optimistic (the test set leaks into training); monitor "
+                    "val/acc with --val-split N instead"]
+        return []
 
     def plugins(self) -> list[tuple[str, str]]:
         """(kind, name) of every plugin the run uses."""
@@ -141,6 +167,11 @@ class Plan:
             flat["adv_data"] = ",".join(self.config.adv_data)
         else:
             del flat["adv_data"]
+        for key in ("clip_grad", "val_split", "early_stop"):
+            if flat[key] is None:
+                del flat[key]
+        if not self.selects:
+            del flat["monitor"], flat["keep"]
         flat["data_dir"] = str(resolve_data_dir(self.config.data_dir))
         flat["device"] = str(self.device)
         flat["threads"] = self.config.threads or torch.get_num_threads()
@@ -162,9 +193,15 @@ class Plan:
                 str(resolve_data_dir(self.config.data_dir)), self.config.dataset_options)
 
     def check_data(self, data: ImageData):
-        if self.config.batch_size > len(data.train_images):
+        n = len(data.train_images)
+        if self.config.val_split is not None:
+            from .validation import holdout_count
+
+            n -= holdout_count(self.config.val_split, n)
+        if self.config.batch_size > n:
+            held = " left by --val-split" if self.config.val_split is not None else ""
             raise UserError(f"--batch-size {self.config.batch_size} is larger than the "
-                            f"{len(data.train_images)} training images")
+                            f"{n} training images{held}")
 
 
 def parse_list(text: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
@@ -206,10 +243,17 @@ def build_pipeline(catalog: Catalog, names: tuple[str, ...], texts=()) -> Pipeli
     by_stage = lambda stage: tuple(sorted((a for a in augs if a.stage == stage),  # noqa: E731
                                           key=lambda a: a.name))
     normalize = normalizers[0] if normalizers else catalog.get("augmentation", "normalize")
-    chosen = (*by_stage("pixels"), normalize, *by_stage("normalized"))
+    chosen = (*by_stage("pixels"), normalize, *by_stage("normalized"), *by_stage("mix"))
+    options = resolve_many("augmentation", chosen, texts)
+    for aug in chosen:  # values that cannot go together, e.g. erasing's area_min > area_max
+        if aug.check is not None:
+            try:
+                aug.check(**options[aug.name])
+            except opts.OptionError as exc:
+                raise opts.reword(exc, lambda name, a=aug: opts.flag_label(
+                    OPTION_FLAGS["augmentation"][0], a.name, name), options[aug.name]) from None
     return Pipeline(pixels=by_stage("pixels"), normalize=normalize,
-                    normalized=by_stage("normalized"),
-                    options=resolve_many("augmentation", chosen, texts))
+                    normalized=by_stage("normalized"), options=options, mix=by_stage("mix"))
 
 
 def adversarial_training(catalog: Catalog, config: TrainConfig
@@ -236,6 +280,44 @@ def adversarial_training(catalog: Catalog, config: TrainConfig
     return attack, chosen, ratio, per_batch
 
 
+def check_regularizers(config: TrainConfig):
+    if not 0 <= config.label_smoothing <= 1:
+        raise UserError(f"--label-smoothing must be in [0, 1], got {config.label_smoothing}")
+    if config.l1 < 0:
+        raise UserError(f"--l1 must be >= 0, got {config.l1}")
+    if config.clip_grad is not None and not config.clip_grad > 0:
+        raise UserError(f"--clip-grad must be positive (the largest gradient norm), got "
+                        f"{config.clip_grad}")
+
+
+def model_selection(config: TrainConfig) -> tuple[float | int | None, str]:
+    """``--val-split``, ``--early-stop``, ``--monitor`` and ``--keep`` checked: (the split, a
+    count as a whole number, and the weights kept)."""
+    held = config.val_split
+    if held is not None:
+        if not (0 < held < 1 or held >= 1 and held == int(held)):
+            raise UserError(f"--val-split must be a number of images (a whole number >= 1) or a "
+                            f"fraction in (0, 1), got {held:g}")
+        held = int(held) if held >= 1 else held
+    if config.early_stop is not None and config.early_stop < 1:
+        raise UserError(f"--early-stop must be at least 1 (evaluations without improvement), "
+                        f"got {config.early_stop}")
+    keep = config.keep or ("best" if config.early_stop is not None else "last")
+    if keep not in KEEPS:
+        raise UserError(f"unknown --keep {keep!r}; accepted: {', '.join(KEEPS)}")
+    if config.monitor not in MONITORS:
+        raise UserError(f"unknown --monitor {config.monitor!r}; accepted: "
+                        f"{', '.join(MONITORS)} (measured at every evaluation)")
+    if config.monitor.startswith("val/") and held is None:
+        for flag, used in (("--early-stop", config.early_stop is not None),
+                           ("--keep best", keep == "best")):
+            if used:
+                raise UserError(f"{flag} follows --monitor {config.monitor}, which needs a "
+                                "validation split: add --val-split N (images, or a fraction "
+                                "such as 0.1)")
+    return held, keep
+
+
 def check_hyperparameters(filled: dict[str, Any]):
     if filled["optimizer"] not in OPTIMIZERS:
         raise UserError(f"unknown optimizer {filled['optimizer']!r}; accepted: "
@@ -243,12 +325,13 @@ def check_hyperparameters(filled: dict[str, Any]):
     if filled["schedule"] not in SCHEDULES:
         raise UserError(f"unknown schedule {filled['schedule']!r}; accepted: "
                         f"{', '.join(SCHEDULES)}")
-    if not filled["lr"] > 0:
-        raise UserError(f"--lr must be positive, got {filled['lr']}")
+    if not 0 < filled["lr"] < float("inf"):  # inf would open a run that diverges at once
+        raise UserError(f"--lr must be a positive finite number, got {filled['lr']}")
     if not 0 <= filled["momentum"] < 1:
         raise UserError(f"--momentum must be in [0, 1), got {filled['momentum']}")
-    if filled["weight_decay"] < 0:
-        raise UserError(f"--weight-decay must be >= 0, got {filled['weight_decay']}")
+    if not 0 <= filled["weight_decay"] < float("inf"):
+        raise UserError(f"--weight-decay must be a finite number >= 0, got "
+                        f"{filled['weight_decay']}")
 
 
 def plan(config: TrainConfig, catalog: Catalog | None = None) -> Plan:
@@ -284,6 +367,8 @@ def plan(config: TrainConfig, catalog: Catalog | None = None) -> Plan:
     if config.threads is not None and config.threads < 1:
         raise UserError(f"--threads must be at least 1, got {config.threads}")
     attack, attack_options, adv_ratio, adv_per_batch = adversarial_training(catalog, config)
+    check_regularizers(config)
+    val_split, keep = model_selection(config)
     # The resolved options as texts that plan the same run again (config.json); unset ones
     # (None) are left out, as "target=" would read back as empty text.
     texts = lambda values: tuple(f"{k}={opts.show(v)}" for k, v in values.items()  # noqa: E731
@@ -297,6 +382,7 @@ def plan(config: TrainConfig, catalog: Catalog | None = None) -> Plan:
         aug_options=nested(pipeline.options), probe_options=nested(probe_options),
         dataset_options=texts(dataset_options), adv_train=attack.name if attack else None,
         adv_ratio=adv_ratio, attack_options=texts(attack_options),
-        adv_data=parse_list(config.adv_data), precision=precision, **filled)
+        adv_data=parse_list(config.adv_data), precision=precision, val_split=val_split,
+        keep=keep, **filled)
     return Plan(resolved, arch, dataset, pipeline, probes, device, arch_options, probe_options,
                 dataset_options, attack, attack_options, adv_per_batch)

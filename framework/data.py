@@ -6,6 +6,7 @@ a batch is an index into it: no DataLoader, no per-image work on the hot path.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
 import shutil
@@ -70,6 +71,20 @@ def extract(archive: Path, into: Path):
         raise UserError(f"cannot unpack {archive}: {exc}; delete it and try again") from None
 
 
+def gunzip(archive: Path) -> Path:
+    """Unpack ``name.gz`` next to it as ``name``; a partial file never takes that name."""
+    dest = archive.with_suffix("")
+    partial = dest.with_name(dest.name + ".part")
+    try:
+        with gzip.open(archive, "rb") as packed, open(partial, "wb") as out:
+            shutil.copyfileobj(packed, out, length=1 << 20)
+    except (OSError, EOFError) as exc:
+        partial.unlink(missing_ok=True)
+        raise UserError(f"cannot unpack {archive}: {exc}; delete it and try again") from None
+    partial.replace(dest)
+    return dest
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when present, else the CPU."""
     if name == "auto":
@@ -102,6 +117,13 @@ class BatchSampler:
         batch = self._order[self._next:self._next + self.batch_size]
         self._next += self.batch_size
         return batch
+
+    def state(self) -> dict:
+        """Where it is in the current pass (for a checkpoint)."""
+        return {"order": self._order, "next": self._next}
+
+    def restore(self, state: dict):
+        self._order, self._next = state["order"], state["next"]
 
 
 class TrainingImages:

@@ -1,4 +1,5 @@
-"""The part-2 architectures: layer counts, shapes, the residual design, and their options."""
+"""The built-in architectures: layer counts, shapes, the residual design, their options
+(activation, init, dropout, batchnorm), and 1-channel 28x28 inputs."""
 
 import math
 
@@ -7,10 +8,13 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
+from cifarx import UserError
 from cifarx.cli import app
+from cifarx.config import resolve_plugin_options
 from cifarx.model import describe
 from cifarx.plugins.architectures import (EXTRA_LAYERS, ResidualConv, build_convonly,
                                           build_plain20, build_residual, build_table1)
+from cifarx.plugins.timm_models import resolve as resolve_timm
 from cifarx.registry import catalog
 
 
@@ -158,3 +162,97 @@ def test_describe_shows_the_part_2_nets_and_their_options():
     result = runner.invoke(app, ["describe", "residual", "--arch-opt", "init=orthogonal"])
     assert result.exit_code == 2
     assert "accepted: default, he, xavier" in result.stderr
+
+
+BUILDS = [build_table1, build_convonly, build_plain20, build_residual]
+
+
+@pytest.mark.parametrize("build", BUILDS + [lambda **kw: resolve_timm("test_resnet").build(**kw)])
+def test_one_channel_28x28_images_go_through_every_net(build):
+    torch.manual_seed(0)
+    net = build(num_classes=10, in_channels=1, image_size=28)
+    logits = net(torch.randn(4, 1, 28, 28))
+    assert logits.shape == (4, 10)
+    logits.sum().backward()
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("attack, texts", [("ifgsm", ["max_steps=5"]), ("fgsm", []),
+                                           ("pgd", ["steps=3"])])
+def test_the_attacks_take_one_channel_images(attack, texts):
+    torch.manual_seed(0)
+    model = build_table1(in_channels=1, image_size=28).eval().requires_grad_(False)
+    images = torch.rand(6, 1, 28, 28)
+    labels = model(images).argmax(1)
+    plugin = catalog().get("attack", attack)
+    result = plugin.build(model, **resolve_plugin_options("attack", plugin, texts))(
+        images, labels, torch.Generator())
+    assert result.images.shape == images.shape
+    assert result.images.min() >= 0 and result.images.max() <= 1
+
+
+@pytest.mark.parametrize("build, before", [(build_table1, "fc2"), (build_convonly, "classifier"),
+                                           (build_plain20, "classifier"),
+                                           (build_residual, "classifier")])
+def test_dropout_goes_right_before_the_last_layer_and_only_when_asked(build, before):
+    assert count(build(), nn.Dropout) == 0  # the default net has no dropout layer at all
+    torch.manual_seed(0)
+    plain = build()
+    torch.manual_seed(0)
+    dropped = build(dropout=0.5)
+    names = [name for name, _ in dropped.named_children()]
+    assert names[names.index("dropout") + 1] == before and dropped.dropout.p == 0.5
+    assert names[:names.index("dropout")] + names[names.index("dropout") + 1:] == \
+        [name for name, _ in plain.named_children()]
+    # the same parameters, drawn the same way: in eval mode the nets agree
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(),
+                                                 dropped.state_dict().values()))
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.equal(plain.eval()(x), dropped.eval()(x))
+    dropped.train()
+    assert not torch.equal(dropped(x), dropped(x))  # in training it drops
+
+
+@pytest.mark.parametrize("build, bn", [(build_table1, 4), (build_convonly, 4)])
+def test_batchnorm_false_removes_every_batchnorm_and_gives_the_biases_back(build, bn):
+    with_bn, without = build(), build(batchnorm=False)
+    assert count(with_bn, nn.BatchNorm2d) + count(with_bn, nn.BatchNorm1d) == bn
+    assert count(without, nn.BatchNorm2d) + count(without, nn.BatchNorm1d) == 0
+    layers = [m for m in without.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert all(m.bias is not None for m in layers)
+    assert [shape_of(c) for c in convs(with_bn)] == [shape_of(c) for c in convs(without)]
+    assert without(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_only_table1_and_convonly_take_batchnorm_and_every_net_takes_dropout():
+    cat = catalog()
+    for name in ("table1", "convonly", "plain20", "residual", "timm:resnet18"):
+        arch = cat.get("architecture", name)
+        assert arch.options["dropout"].default == 0.0 and arch.options["dropout"].range == "[0, 1)"
+        assert ("batchnorm" in arch.options) == (name in ("table1", "convonly"))
+    with pytest.raises(UserError, match="plain20 has no option 'batchnorm'; accepted: activation, "
+                                        "init, dropout"):
+        resolve_plugin_options("architecture", cat.get("architecture", "plain20"),
+                               ["batchnorm=false"])
+    with pytest.raises(UserError, match=r"--arch-opt dropout=1: not accepted by table1; accepted: "
+                                        r"a number .* in \[0, 1\)"):
+        resolve_plugin_options("architecture", cat.get("architecture", "table1"), ["dropout=1"])
+    options = resolve_plugin_options("architecture", cat.get("architecture", "convonly"),
+                                     ["batchnorm=false", "dropout=0.3"])
+    assert options == {"activation": "relu", "init": "default", "dropout": 0.3,
+                       "batchnorm": False}
+
+
+def test_timm_dropout_is_its_drop_rate():
+    assert resolve_timm("test_resnet").build().drop_rate == 0.0
+    assert resolve_timm("test_resnet").build(dropout=0.25).drop_rate == 0.25
+
+
+def test_describe_says_where_the_dropout_goes():
+    result = CliRunner().invoke(app, ["describe", "table1", "--arch-opt", "dropout=0.5",
+                                      "--arch-opt", "batchnorm=false"],
+                                 env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    assert "Dropout" in result.stdout and "bn1" not in result.stdout
+    assert "dropout probability on fc2's input" in result.stdout
+    assert "false: no BatchNorm after conv1-3 and fc1" in result.stdout

@@ -12,6 +12,7 @@ from cifarx.config import TrainConfig, plan
 from cifarx.errors import Diverged
 from cifarx.loop import assemble, train
 from cifarx.runs import Tracking, train_run
+from cifarx.tracking import as_logged
 
 from test_cli import QUICK, one_line_error
 
@@ -26,10 +27,10 @@ def test_options_are_resolved_with_their_defaults_and_logged_as_params(data_dir)
     p = plan(quick(data_dir, arch="plain20", arch_options=("activation=silu",),
                    probes=("grad-max", "grad-norm"),
                    probe_options=("grad-norm.stride=2", "grad-max.first=conv2")))
-    assert p.arch_options == {"activation": "silu", "init": "default"}
+    assert p.arch_options == {"activation": "silu", "init": "default", "dropout": 0.0}
     assert p.probe_options == {"grad-max": {"first": "conv2", "last": ""},
                                "grad-norm": {"stride": 2}}  # typed by the schema
-    assert p.config.arch_options == ("activation=silu", "init=default")
+    assert p.config.arch_options == ("activation=silu", "init=default", "dropout=0.0")
     params = p.params()
     assert params["arch.activation"] == "silu" and params["arch.init"] == "default"
     assert params["probe.grad-norm.stride"] == "2" and params["probe.grad-max.first"] == "conv2"
@@ -84,8 +85,8 @@ def test_options_reach_the_network(data_dir):
 @pytest.mark.parametrize("args, fragments", [
     (["--arch", "convonly", "--arch-opt", "activation=tanh"],
      ["--arch-opt activation=tanh", "accepted: relu, relu6, leaky_relu, elu, silu"]),
-    (["--arch", "convonly", "--arch-opt", "dropout=0.5"],
-     ["convonly has no option 'dropout'", "accepted: activation, init"]),
+    (["--arch", "plain20", "--arch-opt", "batchnorm=false"],
+     ["plain20 has no option 'batchnorm'", "accepted: activation, init, dropout"]),
     (["--arch", "convonly", "--probe", "grad-max", "--probe-opt", "grad-max.first=conv9"],
      ["no module 'conv9'", "conv1, conv2, conv3, conv4, classifier"]),
     (["--arch", "convonly", "--probe", "grad-norm", "--probe-opt", "grad-norm.stride=0"],
@@ -124,8 +125,8 @@ def test_each_architecture_trains_with_the_probes_logged_to_mlflow(arch, data_di
         points = client.get_metric_history(run_id, key)
         assert sorted(m.step for m in points) == list(range(1, 7))
         assert all(m.value > 0 for m in points)
-        assert [v for _, v in result.history[key]] == [m.value for m in
-                                                       sorted(points, key=lambda m: m.step)]
+        assert [as_logged(v) for _, v in result.history[key]] == [
+            m.value for m in sorted(points, key=lambda m: m.step)]
     norms = [k for k in logged.data.metrics if k.startswith("grad_norm/")]
     convs_and_linears = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in result.model.modules())
     assert len(norms) == convs_and_linears

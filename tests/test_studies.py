@@ -60,7 +60,8 @@ arch-opt.init = ["he"]
     config = points[1].config
     assert config.arch_options == ("activation=silu", "init=he")
     assert config.aug_options == ("crop.pad=2",)
-    assert plan(config).arch_options == {"activation": "silu", "init": "he"}
+    assert plan(config).arch_options == {"activation": "silu", "init": "he", "dropout": 0.0,
+                                         "batchnorm": True}
 
 
 def test_listed_configurations_combine_with_the_grid():
@@ -112,7 +113,7 @@ def test_the_study_round_trips_through_its_raw_form(tmp_path):
     assert [p.key for p in configurations(again)] == [p.key for p in configurations(study)]
 
 
-@pytest.mark.parametrize("name", ["part1", "defaults", "optimizers", "activations"])
+@pytest.mark.parametrize("name", ["part1", "defaults", "optimizers", "activations", "mixup"])
 def test_the_shipped_studies_plan(name):
     study = load(ROOT / "studies" / f"{name}.toml")
     points = configurations(study)
@@ -120,7 +121,7 @@ def test_the_shipped_studies_plan(name):
     for point in points:
         plan(point.config)  # every name and value accepted
     expected = {"part1": (4, 5), "defaults": (16, 3), "optimizers": (20, 3),
-                "activations": (15, 3)}[name]
+                "activations": (15, 3), "mixup": (3, 3)}[name]
     assert (len(points), len(study.seeds)) == expected
 
 
@@ -162,3 +163,19 @@ def test_a_value_an_option_refuses_names_the_configuration():
 def test_a_missing_file_is_one_line(tmp_path):
     with pytest.raises(UserError, match="cannot read it"):
         load(tmp_path / "nope.toml")
+
+
+def test_a_trials_key_holds_only_the_options_it_changes():
+    """A new option with its default must leave every key as it was: sweeps started before it
+    still resume."""
+    import dataclasses
+
+    from cifarx.config import TrainConfig
+    from cifarx.studies import config_key
+
+    base = TrainConfig(arch="table1", lr=0.05, seed=1)
+    assert config_key(base) == config_key(TrainConfig(seed=1, lr=0.05))  # table1 is the default
+    assert config_key(base) != config_key(dataclasses.replace(base, seed=2))
+    Grown = dataclasses.make_dataclass("Grown", [("new_option", float, 0.0)], bases=(TrainConfig,),
+                                       frozen=True)
+    assert config_key(Grown(arch="table1", lr=0.05, seed=1)) == config_key(base)
