@@ -58,11 +58,34 @@ def duration(seconds: float) -> str:
     return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
+# The MLflow 3 UI opens in its GenAI mode (traces) unless the page asks for model training.
+MODEL_TRAINING = "workflowType=machine_learning"
+
+
 def ui_hint(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """Where to see a run: its page on the tracking server, or a `cifarx ui` command that
+    works from this shell (the venv's cifarx when `cifarx` is not on PATH), and the page."""
+    page = f"#/experiments/{experiment_id}/runs/{run_id}?{MODEL_TRAINING}"
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open it: {tracking_uri.rstrip('/')}/{page}"
     here = "sqlite:///" + str(Path("mlflow.db").absolute())
     where = "" if tracking_uri == here else f" --tracking-uri '{tracking_uri}'"
-    return (f"open it: cifarx ui{where}  ->  "
-            f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}")
+    return f"open it: {cifarx_command()} ui{where}  ->  http://127.0.0.1:5000/{page}"
+
+
+def cifarx_command() -> str:
+    """How to run this cifarx again from this shell: ``cifarx`` when that is on PATH (and is
+    this one), else its path (``make run`` uses the venv's without activating it)."""
+    import shutil
+    import sys
+
+    script = Path(sys.argv[0])
+    if script.name != "cifarx":  # python -m cifarx, a test runner
+        return "cifarx" if shutil.which("cifarx") else f"{sys.executable} -m cifarx"
+    found = shutil.which("cifarx")
+    if found and Path(found).resolve() == script.resolve():
+        return "cifarx"
+    return str(script if script.is_absolute() else script.absolute())
 
 
 def image_table(adv_set: dict[str, Any]):

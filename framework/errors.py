@@ -24,3 +24,20 @@ class Diverged(Exception):
         super().__init__(message)
         self.step = step
         self.value = value
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's time limit, ``kill``): handled as Ctrl-C is, so that the open runs
+    end KILLED with what they logged; the CLI exits with status 143 (128 + SIGTERM)."""
+
+    exit_status = 143
+
+
+def raise_on_sigterm():
+    """From now on, SIGTERM raises :class:`Terminated` in the main thread."""
+    import signal
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, handler)

@@ -7,8 +7,10 @@ import, and ``cifarx --help`` should not pay for them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.metadata
+import json
 import logging
 import os
 import subprocess
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from .errors import UserError
+from .spool import bound_waits, brief_waits, is_outage, is_server, require_server
 
 if TYPE_CHECKING:
     import torch
@@ -53,6 +56,31 @@ def quiet_mlflow():
     logging.getLogger("alembic").setLevel(logging.WARNING)
     # cifarx saves models with pickle on purpose (see log_model): no warning about it each time.
     logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
+    # A tracking server that goes away: a call waits seconds, not minutes, and cifarx says
+    # once what happened (see cifarx.spool) where the system-metrics thread would warn each time.
+    bound_waits()
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
+    # cifarx prints its own link to a run, to the page of its model training (console.ui_hint);
+    # MLflow's, printed on a server's runs, opens the GenAI page.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+
+def as_logged(value: float) -> float:
+    """A float32 measurement as the number it is: 0.46, not 0.46000000834465027.
+
+    Metrics are computed in float32; widening one to a double shows float32's rounding error
+    as digits in MLflow. A value that a float32 holds exactly is logged as the shortest
+    decimal that reads back as the same float32; any other value is a double and kept.
+    """
+    import numpy as np
+
+    single = np.float32(value)
+    if not np.isfinite(single) or float(single) != value:
+        return value
+    return float(str(single))  # numpy prints a float32 as its shortest round-trip decimal
+
+
+NOTE = "mlflow.note.content"  # the run's description in the MLflow UI
 
 
 class MetricLog:
@@ -96,100 +124,265 @@ class MetricLog:
 
 
 class Run:
-    """The MLflow run a command logs into."""
+    """The MLflow run a command logs into.
 
-    def __init__(self, run_id: str):
+    Every method builds a record (see :mod:`cifarx.spool`) and sends it with :meth:`_apply`;
+    a run on a tracking server (``link``) keeps going into a local spool while the server is
+    lost. Metrics go through a writer thread, so that training never waits for the store.
+    """
+
+    def __init__(self, run_id: str, experiment_id: str | None = None, link=None):
         import mlflow
 
         self.id = run_id
         self.client = mlflow.MlflowClient()
-        self._pending = []  # metric batches being written by MLflow's async logging thread
+        self.link = link  # a spool.Link, for a run on a tracking server
+        self._experiment_id = experiment_id
+        self._writer = None  # the metrics writer thread, started by the first points
+        self._pending: list[tuple[Any, list[Point]]] = []  # (future, points) not yet stored
 
     @property
     def experiment_id(self) -> str:
-        return self.client.get_run(self.id).info.experiment_id
+        if self._experiment_id is None:
+            self._experiment_id = self.client.get_run(self.id).info.experiment_id
+        return self._experiment_id
 
     def log_params(self, params: Mapping[str, Any]):
         """Log params; keys already present (set by ``mlflow run -P``) are left as they are."""
-        from mlflow.entities import Param
-
-        existing = self.client.get_run(self.id).data.params
-        fresh = [Param(k, str(v)) for k, v in params.items() if k not in existing]
-        for i in range(0, len(fresh), 100):
-            self.client.log_batch(self.id, params=fresh[i:i + 100])
+        self._send("params", {"params": {k: str(v) for k, v in params.items()}})
 
     def set_tags(self, tags: Mapping[str, Any]):
-        from mlflow.entities import RunTag
-
-        self.client.log_batch(self.id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self._send("tags", {"tags": {k: str(v) for k, v in tags.items()}})
 
     def log_points(self, points: list[Point]):
-        """Queue metrics for MLflow's writer thread: training does not wait for the store."""
-        from mlflow.entities import Metric
+        """Queue metrics for the writer thread: training does not wait for the store.
 
-        metrics = [Metric(key, value, ts, step) for key, value, step, ts in points]
-        for i in range(0, len(metrics), 1000):  # the store's limit per batch
-            self._pending.append(self.client.log_batch(self.id, metrics=metrics[i:i + 1000],
-                                                       synchronous=False))
+        A batch stays in ``_pending`` until it is stored: one the server failed is sent again
+        (or, with the server lost, spooled), so no point is lost between the two.
+        """
+        points = [(key, as_logged(value), step, ts) for key, value, step, ts in points]
+        if not points:
+            return
+        self._settle(block=False)
+        if self.link is not None and not self.link.live():
+            self.link.deliver("metrics", {"points": points})
+            return
+        if self._writer is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="cifarx-metrics")
+        self._pending.append((self._writer.submit(self._apply, "metrics", {"points": points}),
+                              points))
 
     def wait(self):
-        """Block until every queued metric is stored; raises what the writer raised."""
-        pending, self._pending = self._pending, []
-        for operation in pending:
-            operation.wait()
+        """Block until every queued metric is stored; raises what the store raised (a run
+        on a server: the points it could not store are sent again, or spooled)."""
+        self._settle(block=True)
 
     def log_figure(self, figure, path: str):
         import matplotlib.pyplot as plt
 
-        self.client.log_figure(self.id, figure, path)
-        plt.close(figure)
+        try:
+            self._log_file(path, figure.savefig)
+        finally:
+            plt.close(figure)
 
     def log_dict(self, obj: Any, path: str):
-        self.client.log_dict(self.id, obj, path)
+        def write(file: Path):
+            if file.suffix in (".yaml", ".yml"):
+                import yaml
+
+                file.write_text(yaml.safe_dump(obj, default_flow_style=False))
+            else:
+                file.write_text(json.dumps(obj, indent=2))
+
+        self._log_file(path, write)
 
     def log_text(self, text: str, path: str):
-        self.client.log_text(self.id, text, path)
+        self._log_file(path, lambda file: file.write_text(text, encoding="utf-8"))
 
     def log_artifact(self, local_path: Path, artifact_dir: str | None = None):
-        self.client.log_artifact(self.id, str(local_path), artifact_dir)
+        self._send("artifact", {"file": str(local_path), "dir": artifact_dir})
 
     def log_dataset(self, name: str, source: str, digest: str, context: str):
-        import mlflow
-        from mlflow.data.meta_dataset import MetaDataset
-        from mlflow.data.sources import LocalArtifactDatasetSource
+        self._send("dataset", {"name": name, "source": source, "digest": digest,
+                               "context": context})
 
-        dataset = MetaDataset(source=LocalArtifactDatasetSource(source), name=name, digest=digest)
-        with _active(self.id):
-            mlflow.log_input(dataset, context=context)
-
-    def log_model(self, model: nn.Module, packages: tuple[str, ...] = ()) -> str:
+    def log_model(self, model: nn.Module, packages: tuple[str, ...] = (),
+                  recipe: Mapping[str, Any] | None = None, example: Tensor | None = None,
+                  step: int = 0, tags: Mapping[str, str] | None = None,
+                  register: str | None = None, metrics: Mapping[str, float] | None = None,
+                  dataset: tuple[str, str] | None = None) -> str:
         """Save ``model`` as the MLflow model ``runs:/<id>/model``; returns that URI.
 
-        The pickle format loads back the original ``nn.Module`` (eval()/train() work, attacks
-        can call it), where MLflow's default 'pt2' export would give a GraphModule whose
-        ``eval()`` raises. The price: loading needs the classes importable (cifarx and the
-        plugin that built the model installed), which the pinned requirements say.
+        With a ``recipe`` (see :mod:`cifarx.weights`), its weights and recipe go into the
+        model's ``extra_files/``: cifarx loads it from them, never running a pickle. MLflow's
+        pickle stays for ``mlflow.pytorch.load_model`` users: it loads back the original
+        ``nn.Module`` (eval()/train() work), where MLflow's 'pt2' export would give a
+        GraphModule whose ``eval()`` raises. ``example``: input images (pixels in [0, 1]), the
+        model's input example and, with its output, its signature. The run's metrics logged
+        at ``step`` are linked to the model (MLflow does this), and ``metrics`` are logged at
+        ``step`` to both, measured on ``dataset`` (name, digest: a dataset the run logged);
+        ``tags`` go on the model; ``register``: a name in the Model Registry to add it to as a
+        new version.
         """
-        import mlflow
-        import mlflow.pytorch
-
-        with _active(self.id):
-            mlflow.pytorch.log_model(model, name=MODEL_ARTIFACT, serialization_format="pickle",
-                                     pip_requirements=requirements_for(model, packages))
+        self._send("model", {
+            "model": model, "packages": list(packages), "recipe": dict(recipe or {}) or None,
+            "example": example, "step": step, "tags": dict(tags or {}), "register": register,
+            "metrics": {k: float(v) for k, v in (metrics or {}).items()},
+            "dataset": list(dataset) if dataset else None})
         return f"runs:/{self.id}/{MODEL_ARTIFACT}"
 
+    def end(self, status: str):
+        """End the run (the fluent active run) as ``status``; a run whose server is lost
+        ends in its spool, which :meth:`spool.Link.close` then reports."""
+        import mlflow
 
-@contextlib.contextmanager
-def _active(run_id: str):
-    """Make ``run_id`` the fluent API's active run for a call that needs one."""
-    import mlflow
+        end = {"status": status, "end_time": int(time.time() * 1000)}
+        try:
+            if self.link is None:
+                mlflow.end_run(status)
+            elif self.link.live(recheck=True):
+                try:
+                    mlflow.end_run(status)
+                except Exception as exc:
+                    if not is_outage(exc):
+                        raise
+                    self.link.divert(exc, [("end", end)])
+            else:
+                self.link.deliver("end", end)
+                with brief_waits(), contextlib.suppress(Exception):  # to leave the fluent run
+                    mlflow.end_run(status)
+        finally:
+            if self._writer is not None:
+                self._writer.shutdown(wait=False, cancel_futures=True)
+            if self.link is not None:
+                self.link.close()
 
-    active = mlflow.active_run()
-    if active is not None and active.info.run_id == run_id:
-        yield
-        return
-    with mlflow.start_run(run_id=run_id):
-        yield
+    # --- sending ----------------------------------------------------------------------------
+
+    def _send(self, kind: str, payload: dict[str, Any]):
+        if self.link is None:
+            self._apply(kind, payload)
+        else:
+            self.link.deliver(kind, payload)
+
+    def _log_file(self, path: str, write: Callable[[Path], Any]):
+        """The artifact ``path``, written by ``write(file)`` into a folder of its own, sent."""
+        import tempfile
+
+        parent, name = os.path.split(path)
+        with tempfile.TemporaryDirectory(prefix="cifarx-artifact-") as tmp:
+            write(Path(tmp, name))
+            self._send("artifact", {"file": str(Path(tmp, name)), "dir": parent or None})
+
+    def _settle(self, block: bool):
+        """Take the metric batches the writer finished (all, waiting, with ``block``): a
+        failed one is sent again through the link (spooled while the server is lost);
+        without a link, its error is raised by :meth:`wait`."""
+        waiting, failed = [], []
+        for future, points in self._pending:
+            if not block and not future.done():
+                waiting.append((future, points))
+            elif future.exception() is not None:
+                if self.link is None and not block:
+                    waiting.append((future, points))
+                else:
+                    failed.append((future.exception(), points))
+        self._pending = waiting
+        for exc, points in failed:
+            if self.link is None:
+                raise exc
+            if is_outage(exc):  # the server just failed it: to the spool, no second wait
+                self.link.divert(exc, [("metrics", {"points": points})])
+            else:
+                self.link.deliver("metrics", {"points": points})
+
+    def _unstored(self) -> list:
+        """For the link, when the server is lost: the metric batches not stored yet (those
+        not started are cancelled), as records to spool."""
+        pending, self._pending = self._pending, []
+        records = []
+        for future, points in pending:
+            future.cancel()
+            if not future.done() or future.cancelled() or future.exception() is not None:
+                records.append(("metrics", {"points": points}))
+        return records
+
+    def _apply(self, kind: str, payload: dict[str, Any]):
+        """Send one record to MLflow (the run's live logging, and a spool's upload)."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        if kind == "metrics":
+            metrics = [Metric(key, value, ts, step) for key, value, step, ts in payload["points"]]
+            for i in range(0, len(metrics), 1000):  # the store's limit per batch
+                self.client.log_batch(self.id, metrics=metrics[i:i + 1000])
+        elif kind == "params":
+            existing = self.client.get_run(self.id).data.params
+            fresh = [Param(k, v) for k, v in payload["params"].items() if k not in existing]
+            for i in range(0, len(fresh), 100):
+                self.client.log_batch(self.id, params=fresh[i:i + 100])
+        elif kind == "tags":
+            self.client.log_batch(self.id, tags=[RunTag(k, v) for k, v in payload["tags"].items()])
+        elif kind == "artifact":
+            self.client.log_artifact(self.id, payload["file"], payload["dir"])
+        elif kind == "dataset":
+            self._log_dataset(**payload)
+        elif kind == "model":
+            self._log_model(**payload)
+        elif kind == "end":
+            self.client.set_terminated(self.id, payload["status"], payload["end_time"])
+        else:
+            raise ValueError(f"unknown record kind {kind!r}")
+
+    def _log_dataset(self, name: str, source: str, digest: str, context: str):
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.data.sources import LocalArtifactDatasetSource
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        dataset = MetaDataset(source=LocalArtifactDatasetSource(source), name=name, digest=digest)
+        self.client.log_inputs(self.id, datasets=[DatasetInput(
+            dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])])
+
+    def _log_model(self, model: nn.Module, packages: list[str], recipe: Mapping[str, Any] | None,
+                   example: Tensor | None, step: int, tags: Mapping[str, str],
+                   register: str | None, metrics: Mapping[str, float],
+                   dataset: list[str] | None):
+        import tempfile
+
+        import mlflow.pytorch
+        from mlflow.models import Model
+
+        from . import weights
+
+        signature = None
+        if example is not None:
+            import torch
+            from mlflow.models import infer_signature
+
+            example = example.detach().cpu().float().numpy()
+            with torch.no_grad():
+                output = model(torch.from_numpy(example)).numpy()
+            signature = infer_signature(example, output)
+        with tempfile.TemporaryDirectory(prefix="cifarx-model-") as tmp:
+            extra = [str(p) for p in weights.save(model, recipe, Path(tmp))] if recipe else None
+            # mlflow.pytorch.log_model is this call for the active run; the run named here
+            # also works when uploading a spool, with no run active
+            info = Model.log(
+                artifact_path=None, name=MODEL_ARTIFACT, flavor=mlflow.pytorch, run_id=self.id,
+                pytorch_model=model, serialization_format="pickle",
+                pip_requirements=requirements_for(model, tuple(packages)), extra_files=extra,
+                signature=signature, input_example=example, step=step, tags=dict(tags),
+                registered_model_name=register)
+        if metrics:
+            from mlflow.entities import Metric
+
+            name, digest = dataset or (None, None)
+            now = int(time.time() * 1000)
+            self.client.log_batch(self.id, metrics=[
+                Metric(key, as_logged(value), now, step, dataset_name=name, dataset_digest=digest,
+                       run_id=self.id, model_id=info.model_id) for key, value in metrics.items()])
 
 
 def _open(uri: str, experiment: str | None, run_name: str | None, parent: str | None,
@@ -214,7 +407,10 @@ def _open(uri: str, experiment: str | None, run_name: str | None, parent: str | 
     if EXPERIMENT_KIND not in (found.tags if found else {}):
         # MLflow 3's UI shows an experiment without this tag as GenAI (traces), not its runs
         client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
-    tags = {MLFLOW_PARENT_RUN_ID: parent} if parent else {}
+    from mlflow.tracking.context.registry import resolve_tags
+
+    # who and what started it (the UI's "Created by" and "Source"), as mlflow.start_run sets
+    tags = {**resolve_tags(), **({MLFLOW_PARENT_RUN_ID: parent} if parent else {})}
     return client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
 
 
@@ -234,13 +430,17 @@ def _create_experiment(client, name: str) -> str:
 @contextlib.contextmanager
 def start_run(uri: str, experiment: str | None = None, run_name: str | None = None,
               tags: Mapping[str, Any] | None = None, parent: str | None = None,
-              existing: str | None = None) -> Iterator[Run]:
+              existing: str | None = None, description: str | None = None,
+              system_metrics: bool = False) -> Iterator[Run]:
     """Open a run and end it FINISHED, FAILED (on an exception) or KILLED (on Ctrl-C).
 
     ``parent``: the run id this one is a child of (``mlflow.parentRunId``); a run opened while
     another is active in this process is that one's child. Under ``mlflow run``
     (``MLFLOW_RUN_ID`` set) a run without ``parent`` is the run mlflow opened: one command,
     one run. ``existing``: the id of a run to continue (a sweep resumed) instead of a new one.
+    ``description``: the run's note (the MLflow UI's Description). ``system_metrics``: sample
+    CPU, memory (and GPU) into ``system/*`` metrics while the run is open (MLflow's monitor;
+    ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` sets how often, 10 s by default).
     """
     import mlflow
     from sqlalchemy.exc import SQLAlchemyError
@@ -249,22 +449,30 @@ def start_run(uri: str, experiment: str | None = None, run_name: str | None = No
 
     quiet_mlflow()
     mlflow.set_tracking_uri(uri)
+    require_server(uri)  # a server that does not answer: one line now, not minutes of retries
     try:
         prepare_store(uri)
         run_id = _open(uri, experiment, run_name, parent, existing)
-        # Active for the fluent calls that need it (log_model, log_input); nested, so that a
-        # caller's own active run stays as it was. MLflow checks the fluent experiment first.
-        mlflow.set_experiment(experiment_id=mlflow.MlflowClient(uri).get_run(run_id)
-                              .info.experiment_id)
-        mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None)
+        info = mlflow.MlflowClient(uri).get_run(run_id).info
+        # Active for the code that looks for an active run (a nested run's parent); nested, so
+        # that a caller's own active run stays as it was. MLflow checks the fluent experiment
+        # first, and puts a logged model in it.
+        mlflow.set_experiment(experiment_id=info.experiment_id)
+        mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None,
+                         log_system_metrics=system_metrics)
     except (mlflow.exceptions.MlflowException, OSError, SQLAlchemyError) as exc:
         reason = getattr(exc, "message", None) or str(exc)
         raise UserError(f"cannot open an MLflow run at {uri}: {reason.splitlines()[0]}") from None
-    run = Run(run_id)
+    run = Run(run_id, info.experiment_id)
+    if is_server(uri):  # lost mid-run, it is logged into a local spool (see cifarx.spool)
+        from .spool import Link
+
+        run.link = Link(uri, run_id, info.run_name, info.experiment_id, run._apply,
+                        run._unstored)
     status = "FAILED"
     try:
-        if tags:
-            run.set_tags(tags)
+        if tags or description:
+            run.set_tags({**(tags or {}), **({NOTE: description} if description else {})})
         yield run
         run.wait()
         status = "FINISHED"
@@ -277,7 +485,7 @@ def start_run(uri: str, experiment: str | None = None, run_name: str | None = No
                 run.wait()
             except Exception:
                 pass
-        mlflow.end_run(status)
+        run.end(status)
 
 
 def requirements_for(model: nn.Module, extra: tuple[str, ...] = ()) -> list[str]:
@@ -288,7 +496,7 @@ def requirements_for(model: nn.Module, extra: tuple[str, ...] = ()) -> list[str]
     """
     packages = {"torch", "cifarx"} | {type(m).__module__.split(".")[0] for m in model.modules()}
     packages |= set(extra)
-    by_module = importlib.metadata.packages_distributions()
+    by_module = _distributions()
     requirements = set()
     for module in sorted(packages):
         for dist in by_module.get(module, [module]):
@@ -299,32 +507,49 @@ def requirements_for(model: nn.Module, extra: tuple[str, ...] = ()) -> list[str]
     return sorted(requirements)
 
 
-def load_model(uri: str, tracking: str, device: torch.device | str = "cpu") -> nn.Module:
-    """A model from ``runs:/<id>/model``, ``models:/...`` or a local MLflow model folder."""
+@functools.cache
+def _distributions() -> Mapping[str, list[str]]:
+    """Top-level module -> its distributions; once per process (a second per call: a sweep's
+    worker would pay it for every trial)."""
+    return importlib.metadata.packages_distributions()
+
+
+def load_model(uri: str, tracking: str, device: torch.device | str = "cpu",
+               trust_pickle: bool = False, catalog=None) -> nn.Module:
+    """A model from ``runs:/<id>/model``, ``models:/...`` or a local MLflow model folder,
+    rebuilt from its weights (see :mod:`cifarx.weights`); a pickle only if ``trust_pickle``."""
+    import tempfile
+
     import mlflow
-    import mlflow.pytorch
-    import torch
     from torch import nn
+
+    from . import weights
+    from .registry import catalog as default_catalog
 
     quiet_mlflow()
     mlflow.set_tracking_uri(tracking)
-    if "://" not in uri and ":/" not in uri:
+    local = "://" not in uri and ":/" not in uri
+    if local:
         path = Path(uri).expanduser()
         if not (path / "MLmodel").is_file():
             raise UserError(f"--model {uri}: no MLflow model there (no MLmodel file); accepted: "
                             "runs:/<run id>/model, models:/<name>/<version>, or a model folder")
-        uri = str(path)
     elif uri.startswith("runs:/"):
         check_run_model(uri, tracking)
-    try:
-        model = mlflow.pytorch.load_model(uri, map_location=torch.device(device))
-    except mlflow.exceptions.MlflowException as exc:
-        raise UserError(f"--model {uri}: cannot load it ({exc.message.splitlines()[0]})") from None
-    except OSError as exc:
-        raise UserError(f"--model {uri}: cannot load it ({exc})") from None
-    except ModuleNotFoundError as exc:
-        raise UserError(f"--model {uri}: the model needs {exc.name!r}, which is not installed "
-                        "(install the plugin package that built it)") from None
+    with tempfile.TemporaryDirectory(prefix="cifarx-load-") as tmp:
+        try:
+            if not local:  # downloading reads files; nothing in them runs
+                path = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+            model = weights.load(path, f"--model {uri}", catalog or default_catalog(), device,
+                                 trust_pickle)
+        except mlflow.exceptions.MlflowException as exc:
+            raise UserError(f"--model {uri}: cannot load it "
+                            f"({exc.message.splitlines()[0]})") from None
+        except OSError as exc:
+            raise UserError(f"--model {uri}: cannot load it ({exc})") from None
+        except ModuleNotFoundError as exc:
+            raise UserError(f"--model {uri}: the model needs {exc.name!r}, which is not installed "
+                            "(install the plugin package that built it)") from None
     if not isinstance(model, nn.Module):
         raise UserError(f"--model {uri} is not a PyTorch model")
     return model.eval()

@@ -23,10 +23,13 @@ from pathlib import Path
 
 from torch import nn
 
-from cifarx import Architecture, Family, Option, OptionError, UserError, hookimpl
+from cifarx import Architecture, Family, Option, OptionError, UserError, hookimpl, rebuilding
 
 OPTIONS = {"pretrained": Option("", str, help="true: timm's weights (its cache, else online); or "
-                                            "a weights file; not set: random init")}
+                                            "a weights file; not set: random init"),
+           "dropout": Option(0.0, float, range="[0, 1)",
+                             help="timm's drop_rate: dropout on the classifier's input, in "
+                                  "training only; 0: none")}
 LIST_HINT = "list them with: python -c \"import timm; print(timm.list_models('resnet*'))\""
 
 
@@ -39,10 +42,12 @@ def resolve(model_name: str) -> Architecture:
         raise UserError(f"timm has no model {model_name!r}{maybe} ({LIST_HINT})")
 
     def build(num_classes: int = 10, in_channels: int = 3, image_size: int = 32,
-              pretrained: str = "") -> nn.Module:
+              pretrained: str = "", dropout: float = 0.0) -> nn.Module:
+        # drop_rate only when asked: a model that lacks it still builds with the defaults
+        extra = {"drop_rate": dropout} if dropout > 0 else {}
         if pretrained in ("", "false"):
-            return build_random(model_name, num_classes, in_channels, image_size)
-        return build_pretrained(model_name, num_classes, in_channels, pretrained)
+            return build_random(model_name, num_classes, in_channels, image_size, extra)
+        return build_pretrained(model_name, num_classes, in_channels, pretrained, extra)
 
     return Architecture(
         name=f"timm:{model_name}", build=build, options=OPTIONS,
@@ -50,11 +55,12 @@ def resolve(model_name: str) -> Architecture:
                 "(ImageNet weights, inputs resized)")
 
 
-def build_random(model_name: str, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+def build_random(model_name: str, num_classes: int, in_channels: int, image_size: int,
+                 kwargs: dict | None = None) -> nn.Module:
     import timm
     from timm.models.resnet import ResNet
 
-    kwargs = {}
+    kwargs = dict(kwargs or {})
     if timm.get_pretrained_cfg(model_name) is not None and \
             timm.get_pretrained_cfg(model_name).fixed_input_size:
         kwargs["img_size"] = image_size  # a ViT's position embedding is built for one size
@@ -113,10 +119,14 @@ def cached_weights(model_name: str) -> Path | None:
 
 
 def build_pretrained(model_name: str, num_classes: int, in_channels: int,
-                     pretrained: str) -> nn.Module:
+                     pretrained: str, kwargs: dict | None = None) -> nn.Module:
     """timm's model with pretrained weights, behind a resize to the weights' input size."""
     import timm
 
+    if rebuilding():  # cifarx loads a saved model: only the structure, its weights follow
+        return with_resize(timm.create_model(model_name, pretrained=False,
+                                             num_classes=num_classes, in_chans=in_channels,
+                                             **(kwargs or {})))
     if pretrained == "true":
         file = cached_weights(model_name)  # the cache first: offline, the hub retries for a minute
         where = f"the Hugging Face cache ({file})" if file else "the Hugging Face hub or its cache"
@@ -130,13 +140,19 @@ def build_pretrained(model_name: str, num_classes: int, in_channels: int,
     try:
         with _quiet_hub():
             model = timm.create_model(model_name, pretrained=True, num_classes=num_classes,
-                                      in_chans=in_channels, pretrained_cfg_overlay=overlay)
+                                      in_chans=in_channels, pretrained_cfg_overlay=overlay,
+                                      **(kwargs or {}))
     except Exception as exc:  # offline, no weights published, a file of another model, ...
         reason = str(exc).splitlines()[0] if str(exc) else ""
         raise UserError(f"timm:{model_name}: cannot load pretrained weights from {where} "
                         f"({type(exc).__name__}: {reason}); without internet, download them "
                         "elsewhere and pass the file: --arch-opt pretrained=PATH, or train "
                         "from random init (no --pretrained)") from None
+    return with_resize(model)
+
+
+def with_resize(model: nn.Module) -> nn.Module:
+    """``model`` behind a resize to the input size its pretrained weights were made for."""
     size = tuple(model.pretrained_cfg["input_size"][1:])
     return nn.Sequential(OrderedDict([
         ("resize", nn.Upsample(size=size, mode="bilinear", align_corners=False)),

@@ -77,3 +77,42 @@ def test_ui_serves_the_store_on_localhost(tmp_path):
     finally:  # the UI runs worker processes: stop the whole process group
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def test_ui_on_a_busy_port_is_one_line_that_suggests_another(tmp_path):
+    from cifarx.testing import run_cli
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("ui", "--port", port, "--tracking-uri", f"sqlite:///{tmp_path}/m.db")
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        f"cifarx: error: --host 127.0.0.1 --port {port}: in use; choose another port "
+        f"(--port {port + 1}) or stop what serves there"]
+
+
+def test_ui_of_a_tracking_server_says_where_its_ui_is(tmp_path):
+    from cifarx.testing import run_cli
+
+    result = run_cli("ui", "--tracking-uri", "http://tracking.example:5000")
+    assert result.exit_code == 0
+    assert "http://tracking.example:5000 is an MLflow server: its UI is already there" in \
+        result.output
+
+
+def test_the_hint_after_a_run_opens_the_server_or_a_ui_command_that_works(monkeypatch):
+    from cifarx.console import ui_hint
+
+    assert ui_hint("http://10.0.0.5:5000", "3", "abc") == \
+        "open it: http://10.0.0.5:5000/#/experiments/3/runs/abc?workflowType=machine_learning"
+    import shutil
+
+    monkeypatch.setattr(sys, "argv", ["/somewhere/.venv/bin/cifarx", "train"])
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # make run: the venv is not on PATH
+    assert ui_hint("sqlite:////data/runs.db", "1", "r1") == (
+        "open it: /somewhere/.venv/bin/cifarx ui --tracking-uri 'sqlite:////data/runs.db'  ->  "
+        "http://127.0.0.1:5000/#/experiments/1/runs/r1?workflowType=machine_learning")
+    monkeypatch.setattr(shutil, "which", lambda name: "/somewhere/.venv/bin/cifarx")
+    assert ui_hint("sqlite:////data/runs.db", "1", "r1").startswith("open it: cifarx ui ")

@@ -113,3 +113,20 @@ def test_a_missing_or_unreadable_weights_file_is_a_user_error(tmp_path, offline)
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="cannot load pretrained weights from .*garbage.pth"):
         resolve("test_resnet").build(pretrained=str(garbage))
+
+
+def test_a_model_trained_from_a_weights_file_loads_after_the_file_is_gone(
+        tmp_path, offline, data_dir, tracking_uri):
+    from cifarx.config import TrainConfig
+    from cifarx.runs import Tracking, train_run
+    from cifarx.tracking import load_model
+
+    path = tmp_path / "weights.pth"
+    torch.save(timm.create_model("test_resnet").state_dict(), path)
+    done = train_run(TrainConfig(arch="timm:test_resnet", arch_options=(f"pretrained={path}",),
+                                 data_dir=str(data_dir), iters=2, batch_size=10, eval_every=2,
+                                 device="cpu", threads=1), Tracking(tracking_uri, "timm", "t"))
+    path.unlink()  # rebuilding takes the structure only: the run's weights fill it
+    model = load_model(f"runs:/{done.run_id}/model", tracking_uri)
+    pixels = torch.rand(2, 3, 32, 32)
+    assert torch.equal(model(pixels), done.result.model.eval()(pixels))

@@ -212,3 +212,114 @@ def test_experiments_open_on_their_runs_in_the_mlflow_ui(tracking_uri, in_tmp):
     with start_run(tracking_uri, "kind-chosen", "b"):
         pass
     assert client.get_experiment(chosen).tags["mlflow.experimentKind"] == "genai"  # the user's
+
+
+def test_float32_metrics_are_logged_as_the_numbers_they_are(tracking_uri, in_tmp):
+    from cifarx.tracking import as_logged
+
+    assert as_logged(float(torch.tensor(0.46))) == 0.46  # not 0.46000000834465027
+    assert as_logged(float(torch.tensor(1.2068575620651245))) == 1.2068576
+    assert as_logged(17.499352011000155) == 17.499352011000155  # a double stays as it is
+    assert as_logged(0.5) == 0.5 and as_logged(123456789.0) == 123456789.0
+    with start_run(tracking_uri, "tests", "float32") as run:
+        run.log_points([("acc", float(torch.tensor(0.46)), 1, 0)])
+        run.wait()
+    assert MlflowClient(tracking_uri).get_run(run.id).data.metrics["acc"] == 0.46
+
+
+def test_the_logged_model_carries_signature_example_metrics_and_registration(
+        data_dir, tracking_uri, in_tmp):
+    from mlflow.models import get_model_info
+
+    done = train_run(quick(data_dir, iters=10, eval_every=10),
+                     Tracking(tracking_uri, "tests", "registered", register_model="tiny-table1",
+                              description="a tiny table1", tags={"team": "vision"}))
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(done.run_id)
+    assert run.data.tags["mlflow.note.content"] == "a tiny table1"
+    assert run.data.tags["team"] == "vision"
+    assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"cifar10-batch1",
+                                                                   "cifar10-test"}
+    mlflow.set_tracking_uri(tracking_uri)
+    info = get_model_info(f"runs:/{done.run_id}/model")
+    assert info.signature.inputs.to_dict() == [
+        {"type": "tensor", "tensor-spec": {"dtype": "float32", "shape": (-1, 3, 32, 32)}}]
+    assert info.saved_input_example_info is not None
+    logged = client.get_logged_model(run.outputs.model_outputs[0].model_id)
+    assert logged.name == "model" and logged.tags["cifarx.arch"] == "table1"
+    linked = {(m.key, m.dataset_name) for m in logged.metrics}
+    assert ("final/test_acc", "cifar10-test") in linked and ("train/loss", None) in linked
+    assert run.data.metrics["final/test_acc"] == pytest.approx(done.result.test_acc)
+    version = client.get_model_version("tiny-table1", "1")
+    assert version.run_id == done.run_id
+    model = load_model("models:/tiny-table1/1", tracking_uri)
+    pixels = torch.rand(2, 3, 32, 32)
+    assert torch.equal(model(pixels), done.result.model.eval()(pixels))
+
+
+def test_a_training_run_describes_itself_and_samples_system_metrics(data_dir, tracking_uri,
+                                                                    in_tmp, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
+    done = train_run(quick(data_dir, iters=40, eval_every=40),
+                     Tracking(tracking_uri, "tests", "system"))
+    run = MlflowClient(tracking_uri).get_run(done.run_id)
+    assert run.data.tags["mlflow.note.content"].startswith("table1 trained on cifar10 (batch1)")
+    assert "system/cpu_utilization_percentage" in run.data.metrics
+    quiet = train_run(quick(data_dir, iters=40, eval_every=40),
+                      Tracking(tracking_uri, "tests", "no-system", system_metrics=False))
+    metrics = MlflowClient(tracking_uri).get_run(quiet.run_id).data.metrics
+    assert not any(key.startswith("system/") for key in metrics)
+
+
+def test_cli_tags_and_description_reach_the_run_and_a_bad_tag_opens_none(data_dir,
+                                                                          tracking_uri, in_tmp):
+    from cifarx.testing import run_cli
+
+    common = ["--data-dir", data_dir, "--iters", "2", "--batch-size", "10", "--eval-every", "2",
+              "--device", "cpu", "--threads", "1", "--tracking-uri", tracking_uri,
+              "--experiment", "cli-tags"]
+    bad = run_cli("train", *common, "--tag", "no-equals-sign")
+    assert bad.exit_code == 2
+    assert bad.output.strip() == "cifarx: error: --tag no-equals-sign: accepted: KEY=VALUE"
+    assert MlflowClient(tracking_uri).get_experiment_by_name("cli-tags") is None
+    good = run_cli("train", *common, "--tag", "team=vision", "--tag", "ticket=42",
+                   "--description", "smoke test", "--no-system-metrics")
+    assert good.exit_code == 0, good.output
+    (run,) = MlflowClient(tracking_uri).search_runs(
+        [MlflowClient(tracking_uri).get_experiment_by_name("cli-tags").experiment_id])
+    assert run.data.tags["team"] == "vision" and run.data.tags["ticket"] == "42"
+    assert run.data.tags["mlflow.note.content"] == "smoke test"
+
+
+def test_sigterm_ends_the_run_killed_with_status_143(data_dir, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    uri = f"sqlite:///{tmp_path}/term.db"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cifarx", "train", "--data-dir", str(data_dir), "--iters",
+         "100000", "--batch-size", "10", "--eval-every", "1000", "--device", "cpu",
+         "--threads", "1", "--tracking-uri", uri, "--experiment", "term",
+         "--no-system-metrics"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while True:  # wait until training has logged something
+            assert process.poll() is None and time.time() < deadline, process.stdout.read()
+            try:
+                client = MlflowClient(uri)
+                found = client.get_experiment_by_name("term")
+                runs = client.search_runs([found.experiment_id]) if found else []
+                if runs and "train/loss" in runs[0].data.metrics:
+                    break
+            except Exception:
+                pass
+            time.sleep(1)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 143
+    finally:
+        process.kill()
+    assert "terminated (SIGTERM)" in process.stdout.read()
+    (run,) = MlflowClient(uri).search_runs([found.experiment_id])
+    assert run.info.status == "KILLED" and "train/loss" in run.data.metrics
