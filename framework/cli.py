@@ -17,8 +17,8 @@ from typing import Annotated, Optional
 import typer
 
 from . import __version__
-from .config import ADV_RATIO, TrainConfig, parse_list
-from .errors import Diverged, UserError
+from .config import ADV_RATIO, KEEPS, MONITORS, TrainConfig, parse_list
+from .errors import Diverged, Terminated, UserError, raise_on_sigterm
 from .optim import DEFAULTS, OPTIMIZERS, SCHEDULES
 from .tracking import DEFAULT_EXPERIMENT
 
@@ -33,6 +33,7 @@ def command(fn):
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
+        raise_on_sigterm()  # SIGTERM ends the runs KILLED, as Ctrl-C does
         try:
             return fn(*args, **kwargs)
         except UserError as exc:
@@ -41,6 +42,9 @@ def command(fn):
         except Diverged as exc:
             typer.echo(f"cifarx: error: {exc}", err=True)
             raise typer.Exit(Diverged.exit_status) from None
+        except Terminated:
+            typer.echo("cifarx: terminated (SIGTERM)", err=True)
+            raise typer.Exit(Terminated.exit_status) from None
         except KeyboardInterrupt:
             typer.echo("cifarx: interrupted", err=True)
             raise typer.Exit(130) from None
@@ -80,10 +84,23 @@ def _threads(threads: int | None):
         torch.set_num_threads(threads)
 
 
-def _tracking(tracking_uri, experiment, run_name):
+def _tracking(tracking_uri, experiment, run_name, description=None, tag=None,
+              system_metrics=True, register_model=None):
+    """Where the command's run goes; every command that opens a run calls this first, so a
+    tracking server that does not answer is one line before any work (cifarx.spool)."""
     from .runs import Tracking
+    from .spool import require_server
 
-    return Tracking(tracking_uri, experiment, run_name)
+    tags = {}
+    for text in tag or ():
+        key, sep, value = text.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--tag {text}: accepted: KEY=VALUE")
+        tags[key.strip()] = value.strip()
+    tracking = Tracking(tracking_uri, experiment, run_name, tags=tags, description=description,
+                        system_metrics=system_metrics, register_model=register_model)
+    require_server(tracking.resolved_uri)
+    return tracking
 
 
 def _open_hint(uri: str | None, experiment_id: str, run_id: str):
@@ -109,8 +126,23 @@ TrackingUri = Annotated[Optional[str], typer.Option(
     help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db).",
     show_default=False)]
 DatasetName = Annotated[str, typer.Option("--dataset", help="Dataset plugin.")]
+ModelDataset = Annotated[Optional[str], typer.Option(
+    "--dataset", help="Dataset plugin (default: the one the model was trained on).",
+    show_default=False)]
+TrustPickle = Annotated[bool, typer.Option(
+    "--trust-pickle", help="Load a model that is only a pickle (another tool's, or an older "
+    "cifarx's): unpickling runs whatever code its author put in it. Also CIFARX_TRUST_PICKLE=1.")]
 Threads = Annotated[Optional[int], typer.Option(help="CPU threads (default: torch's choice).",
                                                 show_default=False)]
+Description = Annotated[Optional[str], typer.Option(
+    help="The run's description in the MLflow UI (default: what the command did).",
+    show_default=False)]
+Tag = Annotated[Optional[list[str]], typer.Option(
+    help="A tag on the run: KEY=VALUE; repeatable.", show_default=False)]
+SystemMetrics = Annotated[bool, typer.Option(
+    "--system-metrics/--no-system-metrics",
+    help="Sample CPU, memory and GPU use into the run's system/* metrics (MLflow's monitor; "
+         "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL sets the period, 10 s).")]
 
 
 def opt_flag(kind: str, shape: str) -> object:
@@ -126,6 +158,7 @@ ProbeOpt = opt_flag("probe", "PLUGIN.NAME=VALUE")
 AttackOpt = opt_flag("attack", "NAME=VALUE")
 DatasetOpt = opt_flag("dataset", "NAME=VALUE")
 ExecutorOpt = opt_flag("executor", "NAME=VALUE")
+AnalysisOpt = opt_flag("analysis", "PLUGIN.NAME=VALUE")
 PER_ARCH = "(default: the architecture's, else {})"
 MODEL_HELP = "runs:/<run id>/model, models:/<name>/<version>, or a local MLflow model folder."
 
@@ -180,6 +213,35 @@ def train(
         help="Run id of a `cifarx attack` run (or a set.pt file) whose adversarial images join "
              "the training data with their true labels; repeatable, or a comma list.",
         show_default=False)] = None,
+    label_smoothing: Annotated[float, typer.Option(
+        help="Label smoothing of the cross-entropy, in [0, 1]: the true class's target is "
+             "1 - s + s/classes, every other class's s/classes.")] = 0.0,
+    l1: Annotated[float, typer.Option(
+        help="L1 penalty: the loss adds L1 times the sum of |w| over the weights of the "
+             "convolutions and linear layers (not biases, not normalization layers).")] = 0.0,
+    clip_grad: Annotated[Optional[float], typer.Option(
+        help="Clip the gradient's total L2 norm (all parameters) to this before each step "
+             "(default: no clipping).", show_default=False)] = None,
+    val_split: Annotated[Optional[float], typer.Option(
+        help="Hold out this many training images (or this fraction, < 1), the same share of "
+             "each class, chosen by the seed; val/acc and val/loss at each evaluation.",
+        show_default=False)] = None,
+    early_stop: Annotated[Optional[int], typer.Option(
+        help="Stop when --monitor has not improved for this many evaluations in a row.",
+        metavar="PATIENCE", show_default=False)] = None,
+    monitor: Annotated[str, typer.Option(
+        help=f"The metric that selects the best evaluation and stops early: "
+             f"{', '.join(MONITORS)} (losses minimize; test/ ones leak the test set into "
+             "model selection: a warning).")] = "val/acc",
+    keep: Annotated[Optional[str], typer.Option(
+        help=f"The weights logged as the model: {' or '.join(KEEPS)} (best: the evaluation "
+             "with the best --monitor; default: best with --early-stop, else last).",
+        show_default=False)] = None,
+    analyze: Annotated[str, typer.Option(
+        help="Comma list of analyses run on the trained model, logged into the training run: "
+             "grad-cam, embedding, calibration, ... (`cifarx plugins`; see `cifarx "
+             "analyze`).")] = "",
+    analysis_opt: AnalysisOpt = None,
     seed: Seed = 0,
     device: Device = "auto",
     precision: Precision = "auto",
@@ -187,10 +249,40 @@ def train(
     experiment: Experiment = DEFAULT_EXPERIMENT,
     run_name: RunName = None,
     tracking_uri: TrackingUri = None,
+    description: Description = None,
+    tag: Tag = None,
+    system_metrics: SystemMetrics = True,
+    register_model: Annotated[Optional[str], typer.Option(
+        help="Add the trained model to the MLflow Model Registry under this name (a new "
+             "version), loadable as models:/NAME/<version>.", show_default=False)] = None,
+    checkpoint_every: Annotated[int, typer.Option(
+        help="Save the training state as the run's checkpoint every N iterations (and at "
+             "SIGTERM), so that --resume can continue it; 0: none.")] = 0,
+    resume: Annotated[Optional[str], typer.Option(
+        help="Continue this run (killed, or ended by SIGTERM) from its last checkpoint, with "
+             "every option it was started with.", show_default=False, metavar="RUN_ID")] = None,
+    ctx: typer.Context = None,
 ):
     """Train an architecture and log the run, its curves and the model to MLflow."""
     from . import runs
     from .console import TrainingProgress, duration, err, out
+
+    if resume:  # the run says how to train: a training option here would contradict it
+        given = [p.opts[0] for p in ctx.command.params if p.name not in RESUME_WITH and
+                 getattr(ctx.get_parameter_source(p.name), "name", "DEFAULT") != "DEFAULT"]
+        if given:
+            raise UserError(f"--resume takes every option from the run; drop {', '.join(given)}"
+                            " (accepted with it: --tracking-uri, --no-system-metrics)")
+        tracking = _tracking(tracking_uri, experiment, run_name, None, None, system_metrics)
+        job, state, tracking = runs.prepare_resume(resume, tracking, plugins_catalog())
+        cfg = job.plan.config
+        with TrainingProgress(cfg.iters, cfg.batch_size, job.label) as progress:
+            done = runs.train_run(job, tracking, [progress.update], resume=state)
+        out.print(f"[bold]{job.label}[/]: resumed at iteration {state[1]['step']}; final test "
+                  f"accuracy [bold green]{done.result.test_acc:.2%}[/]; run {done.run_id}",
+                  soft_wrap=True)
+        _open_hint(tracking_uri, done.experiment_id, done.run_id)
+        return
 
     config = TrainConfig(
         arch=arch, aug=parse_list(aug), dataset=dataset, train_split=train_split,
@@ -201,22 +293,42 @@ def train(
         arch_options=with_pretrained(arch_opt or [], pretrained),
         aug_options=tuple(aug_opt or ()), probe_options=tuple(probe_opt or ()),
         dataset_options=tuple(dataset_opt or ()), adv_train=adv_train, adv_ratio=adv_ratio,
-        attack_options=tuple(attack_opt or ()), adv_data=parse_list(",".join(adv_data or [])))
+        attack_options=tuple(attack_opt or ()), adv_data=parse_list(",".join(adv_data or [])),
+        label_smoothing=label_smoothing, l1=l1, clip_grad=clip_grad, val_split=val_split,
+        early_stop=early_stop, monitor=monitor, keep=keep, checkpoint_every=checkpoint_every)
     # Every check, the data and the model first: bad input opens no run.
-    job = runs.prepare_training(config, plugins_catalog(), tracking_uri)
+    found = plugins_catalog()
+    analyses = None
+    if analyze or analysis_opt:
+        from .analysis import plan as plan_analyses
+
+        analyses = plan_analyses(found, parse_list(analyze), analysis_opt or (), seed=seed,
+                                 flag="--analyze")
+    tracking = _tracking(tracking_uri, experiment, run_name, description, tag, system_metrics,
+                         register_model)
+    job = runs.prepare_training(config, found, tracking_uri)
     for warning in job.warnings():
         err.print(f"cifarx: warning: {warning}", highlight=False, soft_wrap=True)
     cfg = job.plan.config
     with TrainingProgress(cfg.iters, cfg.batch_size, job.label) as progress:
-        done = runs.train_run(job, _tracking(tracking_uri, experiment, run_name),
-                              [progress.update])
+        done = runs.train_run(job, tracking, [progress.update], analyses=analyses)
     result = done.result
     out.print(f"[bold]{job.label}[/]: final test accuracy [bold green]{result.test_acc:.2%}[/] "
-              f"(loss {result.test_loss:.3f}) after {cfg.iters} iterations in "
+              f"(loss {result.test_loss:.3f}) after {result.steps} iterations in "
               f"{duration(result.seconds)}, {result.images_per_second:,.0f} img/s on "
               f"{job.plan.device} ({cfg.precision})", soft_wrap=True)
+    if result.best is not None:
+        stopped = f"{result.stopped.reason}; " if result.stopped is not None else ""
+        out.print(f"{stopped}best {cfg.monitor} {result.best[1]:.4g} at iteration "
+                  f"{result.best[0]}; the model has the {cfg.keep} weights", highlight=False,
+                  soft_wrap=True)
+    for name, findings in done.findings.items():
+        _print_findings(name, findings)
     out.print(f"run {done.run_id}  model {done.model_uri}", highlight=False, soft_wrap=True)
     _open_hint(tracking_uri, done.experiment_id, done.run_id)
+
+
+RESUME_WITH = {"resume", "tracking_uri", "system_metrics", "ctx"}  # flags --resume accepts
 
 
 def with_pretrained(arch_opt: list[str], pretrained: bool) -> tuple[str, ...]:
@@ -228,7 +340,7 @@ def with_pretrained(arch_opt: list[str], pretrained: bool) -> tuple[str, ...]:
 @command
 def evaluate(
     model: Annotated[str, typer.Option(help=MODEL_HELP)],
-    dataset: DatasetName = "cifar10",
+    dataset: ModelDataset = None,
     dataset_opt: DatasetOpt = None,
     data_dir: DataDir = None,
     device: Device = "auto",
@@ -237,20 +349,88 @@ def evaluate(
     experiment: Experiment = DEFAULT_EXPERIMENT,
     run_name: RunName = None,
     tracking_uri: TrackingUri = None,
+    description: Description = None,
+    tag: Tag = None,
+    system_metrics: SystemMetrics = True,
+    trust_pickle: TrustPickle = False,
 ):
-    """Test accuracy, per-class accuracy and a confusion matrix, logged as a run."""
+    """Test accuracy, per-class accuracy and a confusion matrix, logged as a run (`cifarx
+    analyze --analysis confusion-matrix`, in --precision as training evaluates)."""
     from . import runs
     from .console import out
 
     _threads(threads)
     config = runs.EvaluateConfig(model, dataset, str(data_dir) if data_dir else None,
-                                 tuple(dataset_opt or ()), device, precision)
-    done = runs.evaluate_run(config, _tracking(tracking_uri, experiment, run_name),
-                             plugins_catalog())
+                                 tuple(dataset_opt or ()), device, precision, trust_pickle)
+    tracking = _tracking(tracking_uri, experiment, run_name, description, tag, system_metrics)
+    done = runs.evaluate_run(config, tracking, plugins_catalog())
     report = done.report
     out.print(report.table())
     out.print(f"test accuracy [bold green]{report.accuracy:.2%}[/] (loss {report.loss:.3f}); "
               f"run {done.run_id}", highlight=False, soft_wrap=True)
+    _open_hint(tracking_uri, done.experiment_id, done.run_id)
+
+
+def _print_findings(name: str, findings, seconds: float | None = None):
+    from .console import duration, out
+
+    took = f" ({duration(seconds)})" if seconds is not None else ""
+    said = [findings.summary] if findings.summary else []
+    files = [f"figures/{name}.png"] * (findings.figure is not None) + list(findings.files)
+    out.print(f"[bold]{name}[/]{took}: " + "  ".join(said + files), highlight=False,
+              soft_wrap=True)
+
+
+@command
+def analyze(
+    analysis: Annotated[str, typer.Option(
+        help="Comma list of analyses: confusion-matrix, per-class, calibration, errors, "
+             "saliency, guided-backprop, grad-cam, integrated-gradients, embedding, filters, "
+             "... (`cifarx plugins`).")],
+    model: Annotated[Optional[str], typer.Option(
+        help="The model: " + MODEL_HELP + " With --adversarial, default: the model the set was "
+             "made on.", show_default=False)] = None,
+    analysis_opt: AnalysisOpt = None,
+    images: Annotated[int, typer.Option(
+        help="Test images for the galleries, attributions and embedding, the same number of "
+             "each class, chosen by --seed (confusion-matrix, per-class and calibration use "
+             "the whole test split).")] = 100,
+    adversarial: Annotated[Optional[str], typer.Option(
+        help="Run id of a `cifarx attack` run (or a set.pt file): the attributions map its "
+             "adversarial images next to their originals (up to --images of them).",
+        show_default=False)] = None,
+    seed: Annotated[int, typer.Option(
+        help="Seed that chooses the images, and of t-SNE and the sanity check's random "
+             "weights.")] = 0,
+    dataset: ModelDataset = None,
+    dataset_opt: DatasetOpt = None,
+    data_dir: DataDir = None,
+    device: Device = "auto",
+    threads: Threads = None,
+    experiment: Experiment = DEFAULT_EXPERIMENT,
+    run_name: RunName = None,
+    tracking_uri: TrackingUri = None,
+    description: Description = None,
+    tag: Tag = None,
+    system_metrics: SystemMetrics = True,
+    trust_pickle: TrustPickle = False,
+):
+    """Look inside a model: attributions (Captum), embeddings, errors, calibration, ...;
+    a run linked to the model's run."""
+    from . import runs
+    from .console import out
+
+    _threads(threads)
+    config = runs.AnalyzeConfig(
+        model=model, analyses=parse_list(analysis), analysis_options=tuple(analysis_opt or ()),
+        images=images, seed=seed, adversarial=adversarial, dataset=dataset,
+        data_dir=str(data_dir) if data_dir else None, dataset_options=tuple(dataset_opt or ()),
+        device=device, trust_pickle=trust_pickle)
+    tracking = _tracking(tracking_uri, experiment, run_name, description, tag, system_metrics)
+    done = runs.analyze_run(config, tracking,
+                            plugins_catalog(), lambda name, found, seconds:
+                            _print_findings(name, found, seconds))
+    out.print(f"run {done.run_id} ({done.images} images)", highlight=False, soft_wrap=True)
     _open_hint(tracking_uri, done.experiment_id, done.run_id)
 
 
@@ -289,7 +469,7 @@ def plugins(
 def describe(
     first: Annotated[str, typer.Argument(
         metavar="[KIND] NAME", help="A plugin: KIND NAME (architecture, augmentation, dataset, "
-        "probe, attack, executor), or an architecture's NAME alone.")],
+        "probe, attack, executor, analysis), or an architecture's NAME alone.")],
     name: Annotated[Optional[str], typer.Argument(hidden=True)] = None,
     dataset: Annotated[str, typer.Option(
         help="Architectures: the dataset whose image shape and classes to build for.")] = "cifar10",
@@ -360,19 +540,46 @@ def describe_architecture(found, arch, dataset, image_size, channels, num_classe
 @command
 def ui(
     port: Annotated[int, typer.Option(help="Port to serve on.")] = 5000,
+    host: Annotated[str, typer.Option(
+        help="Address to bind: 127.0.0.1 serves this machine only; 0.0.0.0 serves the network, "
+             "with no authentication.")] = "127.0.0.1",
     tracking_uri: TrackingUri = None,
 ):
-    """Start the MLflow UI on the same store, bound to 127.0.0.1."""
-    from .console import err
+    """Start the MLflow UI on the store (a tracking server already has its own: it says where)."""
+    import errno
+    import ipaddress
+    import socket
+
+    from .console import MODEL_TRAINING, err, out
     from .tracking import tracking_uri as resolve_uri
 
     uri = resolve_uri(tracking_uri)
-    err.print(f"MLflow UI for {uri} at http://127.0.0.1:{port} (Ctrl-C stops it)", highlight=False)
+    if uri.startswith(("http://", "https://")):
+        out.print(f"{uri} is an MLflow server: its UI is already there, open "
+                  f"{uri.rstrip('/')}/#/?{MODEL_TRAINING}",
+                  highlight=False, soft_wrap=True)
+        return
+    if not 1 <= port <= 65535:
+        raise UserError(f"--port {port}: accepted: 1 to 65535")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:  # the server would print a traceback and exit 0 on a busy port
+            probe.bind((host, port))
+        except OSError as exc:
+            reason = "in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+            raise UserError(f"--host {host} --port {port}: {reason}; choose another port "
+                            f"(--port {port + 1}) or stop what serves there") from None
+    if not ipaddress.ip_address(socket.gethostbyname(host)).is_loopback:
+        err.print(f"cifarx: warning: the MLflow UI has no authentication: anyone who reaches "
+                  f"{host}:{port} can read, change and delete every run", highlight=False,
+                  soft_wrap=True)
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    err.print(f"MLflow UI for {uri} at http://{shown}:{port}/#/?{MODEL_TRAINING} (Ctrl-C "
+              "stops it)", highlight=False, soft_wrap=True)
     # The server's background job runners serve MLflow's GenAI features, not these runs: off
     # unless asked for, as they cost eight processes.
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ, "MLFLOW_TRACKING_URI": uri}
     os.execve(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                               "--host", "127.0.0.1", "--port", str(port)], env)
+                               "--host", host, "--port", str(port)], env)
 
 
 # `cifarx attack`'s own flags for the built-in attacks' common options; each is the same as
@@ -417,7 +624,7 @@ def attack(
         "place of one that fails (up to 10 times), so that each class gets its successes; "
         "replacements are counted in attack/replaced.")] = True,
     batch_size: Annotated[int, typer.Option(help="Images attacked at once.")] = 500,
-    dataset: DatasetName = "cifar10",
+    dataset: ModelDataset = None,
     dataset_opt: DatasetOpt = None,
     data_dir: DataDir = None,
     device: Device = "auto",
@@ -426,6 +633,10 @@ def attack(
     experiment: Experiment = DEFAULT_EXPERIMENT,
     run_name: RunName = None,
     tracking_uri: TrackingUri = None,
+    description: Description = None,
+    tag: Tag = None,
+    system_metrics: SystemMetrics = True,
+    trust_pickle: TrustPickle = False,
 ):
     """Adversarial images for test images a model gets right; a run linked to the model's run."""
     from . import runs
@@ -442,13 +653,14 @@ def attack(
         per_class=per_class, count=count, all_test=all_test, replace=replace,
         batch_size=batch_size,
         dataset=dataset, data_dir=str(data_dir) if data_dir else None,
-        dataset_options=tuple(dataset_opt or ()), device=device, seed=seed)
+        dataset_options=tuple(dataset_opt or ()), device=device, seed=seed,
+        trust_pickle=trust_pickle)
 
     def started(n: int, on):
         err.print(f"{attack_name}: attacking {n:,} images on {on}", highlight=False)
 
-    done = runs.attack_run(config, _tracking(tracking_uri, experiment, run_name),
-                           plugins_catalog(), started)
+    tracking = _tracking(tracking_uri, experiment, run_name, description, tag, system_metrics)
+    done = runs.attack_run(config, tracking, plugins_catalog(), started)
     m, adv_set = done.metrics, done.adv_set
     if len(adv_set["labels"]) <= TABLE_IMAGES:
         out.print(image_table(adv_set))
@@ -479,14 +691,19 @@ def transfer(
     experiment: Experiment = DEFAULT_EXPERIMENT,
     run_name: RunName = None,
     tracking_uri: TrackingUri = None,
+    description: Description = None,
+    tag: Tag = None,
+    system_metrics: SystemMetrics = True,
+    trust_pickle: TrustPickle = False,
 ):
     """Feed stored adversarial images to other models: accuracy and transfer rate, as a run."""
     from . import runs
     from .console import out, transfer_table
 
     _threads(threads)
-    done = runs.transfer_run(runs.TransferConfig(tuple(adversarial_runs), tuple(model), device),
-                             _tracking(tracking_uri, experiment, run_name))
+    tracking = _tracking(tracking_uri, experiment, run_name, description, tag, system_metrics)
+    done = runs.transfer_run(runs.TransferConfig(tuple(adversarial_runs), tuple(model), device,
+                                                 trust_pickle), tracking)
     out.print(transfer_table(done.sources, done.targets, done.cells))
     out.print(f"run {done.run_id}  transfer.json"
               + ("  figures/transfer_matrix.png" if len(done.cells) > 1 else ""),
@@ -536,6 +753,11 @@ def sweep(
     experiment: Annotated[Optional[str], typer.Option(
         help="MLflow experiment (default: the study's).", show_default=False)] = None,
     tracking_uri: TrackingUri = None,
+    description: Description = None,
+    tag: Tag = None,
+    register_model: Annotated[Optional[str], typer.Option(
+        help="Add the best trial's model (the best configuration's best seed) to the MLflow "
+             "Model Registry under this name.", show_default=False)] = None,
 ):
     """Run a study: every configuration with several seeds, in parallel, as child runs of one
     sweep run, with statistics over the seeds."""
@@ -546,6 +768,7 @@ def sweep(
 
     if seeds is not None and seeds < 1:
         raise UserError(f"--seeds must be at least 1, got {seeds}")
+    tags = _tracking(tracking_uri, experiment, None, description, tag).tags
     if resume:
         if study_file or grid or set_:
             raise UserError("--resume takes the study from the sweep's run; give no study "
@@ -584,7 +807,7 @@ def sweep(
         err.print(f"[{done}/{total}] {trial_name(trial.axes, trial.config.seed)}: {what}",
                   soft_wrap=True, highlight=False)
 
-    done = sweep_run(sweep, resume, heard)
+    done = sweep_run(sweep, resume, heard, register_model, description, tags)
     if done.reused:
         out.print(f"{done.reused} trial(s) finished earlier were not run again", highlight=False)
     if done.ranked:
@@ -594,9 +817,48 @@ def sweep(
         out.print(f"[red]trial {outcome.trial.number} "
                   f"({trial_name(outcome.trial.axes, outcome.trial.config.seed)}) "
                   f"{outcome.status}[/]: {outcome.error}", highlight=False, soft_wrap=True)
+    if register_model and done.best_run:
+        out.print(f"best trial's model (run {done.best_run}) registered as {register_model}",
+                  highlight=False, soft_wrap=True)
     out.print(f"sweep run {done.run_id}  sweep.json  sweep.csv  figures/sweep_axes.png",
               highlight=False, soft_wrap=True)
     _open_hint(tracking_uri, done.experiment_id, done.run_id)
+
+
+@command
+def sync(
+    spooled_run: Annotated[Optional[str], typer.Argument(
+        metavar="[RUN_ID|FOLDER]", help="A spooled run: its run id, or its spool folder "
+        "(default: every run spooled and not uploaded yet).", show_default=False)] = None,
+):
+    """Upload the runs that went on into a local spool when their tracking server was lost
+    (each into the same run on the server it names; $CIFARX_SPOOL_DIR holds the spools)."""
+    from .console import out, ui_hint
+    from .spool import find, spool_root, spooled, sync as upload
+
+    spools = [find(spooled_run)] if spooled_run else spooled()
+    if not spools:
+        out.print(f"nothing to sync: no spooled run waits in {spool_root()}", highlight=False,
+                  soft_wrap=True)
+        return
+
+    def heard(done):
+        what = f"run {done.run_id} ({done.run_name})"
+        if done.problem:
+            out.print(f"{what}: [red]not synced[/]: {done.problem}", highlight=False,
+                      soft_wrap=True)
+        elif done.earlier:
+            out.print(f"{what}: synced earlier ({done.earlier}); nothing to send",
+                      highlight=False, soft_wrap=True)
+        else:
+            out.print(f"{what}: {done.records} record(s) uploaded to {done.uri}; "
+                      f"{ui_hint(done.uri, done.experiment_id, done.run_id)}", highlight=False,
+                      soft_wrap=True)
+
+    left = [done for done in upload(spools, heard) if done.problem]
+    if left:
+        raise UserError(f"{len(left)} of {len(spools)} spooled run(s) not synced (said above); "
+                        "their spools are kept: run `cifarx sync` again")
 
 
 def main():

@@ -33,7 +33,8 @@ ADV_RATIO = 0.5  # with --adv-train: the fraction of each batch replaced by adve
 # kinds PLUGIN.NAME=VALUE; the params are <prefix>.NAME and <prefix>.PLUGIN.NAME.
 OPTION_FLAGS = {"dataset": ("--dataset-opt", "dataset"), "architecture": ("--arch-opt", "arch"),
                 "augmentation": ("--aug-opt", "aug"), "probe": ("--probe-opt", "probe"),
-                "attack": ("--attack-opt", "attack"), "executor": ("--executor-opt", "executor")}
+                "attack": ("--attack-opt", "attack"), "executor": ("--executor-opt", "executor"),
+                "analysis": ("--analysis-opt", "analysis")}
 
 
 @dataclass(frozen=True)

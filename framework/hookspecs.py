@@ -46,3 +46,9 @@ def register_attacks(register):
 @hookspec
 def register_executors(register):
     """Register sweep executors (where a sweep's trials run) with ``register(Executor(...))``."""
+
+
+@hookspec
+def register_analyses(register):
+    """Register analyses of trained models (attributions, embeddings, ...) with
+    ``register(Analysis(...))``."""

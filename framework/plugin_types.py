@@ -6,6 +6,7 @@ A plugin builds one of these and hands it to the ``register`` callback of the ma
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
@@ -19,7 +20,8 @@ if TYPE_CHECKING:  # torch is imported by the plugins that use it, not by `cifar
 #   "normalize"   turns pixels into the network's input; exactly one per run, and it is saved
 #                 inside the exported model so that the model takes pixels in [0, 1]
 #   "normalized"  on the network's input, after normalization (e.g. a zero-padded crop)
-STAGES = ("pixels", "normalize", "normalized")
+#   "mix"         on the network's input and the batch's labels, as soft labels (e.g. mixup)
+STAGES = ("pixels", "normalize", "normalized", "mix")
 
 # The options a plugin declares, by name: an Option (default, type, choices or range, help),
 # or for short a tuple of accepted values (the first is the default) or a plain default value.
@@ -83,18 +85,24 @@ class Augmentation(_Declared):
 
     For the ``"pixels"`` and ``"normalized"`` stages, ``apply(images, generator, **options)``
     transforms a float batch (N, C, H, W); draw all randomness from ``generator`` so that runs
-    repeat. For the ``"normalize"`` stage, ``fit(train_images, **options)`` receives the uint8
-    training images and returns the ``nn.Module`` that maps pixels in [0, 1] to the network's
-    input. ``options`` are set with ``--aug-opt <name>.<option>=VALUE`` and logged as the params
-    ``aug.<name>.<option>``.
+    repeat. For the ``"mix"`` stage, ``apply(images, targets, generator, **options)`` also
+    receives the batch's labels as soft labels, float (N, num_classes) with rows summing to 1,
+    and returns ``(images, targets)``: the loss is the cross-entropy against them. For the
+    ``"normalize"`` stage, ``fit(train_images, **options)`` receives the uint8 training images
+    and returns the ``nn.Module`` that maps pixels in [0, 1] to the network's input.
+    ``options`` are set with ``--aug-opt <name>.<option>=VALUE`` and logged as the params
+    ``aug.<name>.<option>``; ``check(**options)``, if given, runs when the run is planned,
+    before anything opens, and raises :class:`cifarx.OptionError` for values that cannot go
+    together.
     """
 
     name: str
     stage: str
-    apply: Callable[..., Tensor] | None = None
+    apply: Callable[..., Tensor | tuple[Tensor, Tensor]] | None = None
     fit: Callable[..., nn.Module] | None = None
     summary: str = ""
     options: Options = field(default_factory=dict)
+    check: Callable[..., None] | None = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -208,7 +216,9 @@ class Executor(_Declared):
     workers cannot reach. ``run(trials, on_outcome, **options)`` calls
     :func:`cifarx.trials.run_trial` on every :class:`~cifarx.trials.Trial` somewhere, calls
     ``on_outcome(outcome)`` in the sweep's process as each trial ends (in any order), and
-    returns when all have ended. A trial whose worker dies (killed by the OS, a segfault) becomes
+    returns when all have ended. ``trials`` is an iterable: take the next trial only when it
+    can start (a worker is free), after reporting the outcome that freed the place, so that a
+    search (tpe) chooses each trial knowing every result so far. A trial whose worker dies (killed by the OS, a segfault) becomes
     ``Outcome(trial, "FAILED", error="worker died: ...")`` and the others carry on. On
     KeyboardInterrupt (Ctrl-C), ``run`` stops the trials still running (``run_trial`` ends an
     interrupted run KILLED), stops its workers, and lets the KeyboardInterrupt propagate.
@@ -235,6 +245,79 @@ class Family:
     summary: str = ""
 
 
+@dataclass(frozen=True)
+class AnalysisData:
+    """What an analysis looks at: N test images chosen per class by ``--seed``, and the split.
+
+    ``images``: float32 pixels in [0, 1] (N, C, H, W) and ``labels`` int64 (N,), on the model's
+    device, grouped by class; ``indices``: int64 (N,) on the CPU, their 0-based positions in the
+    test split as the dataset orders it (-1 for an image that is not a test image: a
+    ``fool-noise`` set's noise). ``test_images`` (uint8) and ``test_labels``: the whole test
+    split, on the CPU; ``test_logits``: the model's float32 logits for it, on the CPU, computed
+    on first use (by ``predict``) and shared by the run's analyses. ``adversarial``: with
+    ``--adversarial``, the adversarial versions of ``images`` (same shape, device and order),
+    else None. ``seed``: the command's ``--seed``, for anything random an analysis does.
+    """
+
+    images: Tensor
+    labels: Tensor
+    indices: Tensor
+    classes: tuple[str, ...]
+    test_images: Tensor
+    test_labels: Tensor
+    seed: int = 0
+    adversarial: Tensor | None = None
+    predict: Callable[[Tensor], Tensor] | None = field(default=None, repr=False, compare=False)
+
+    @functools.cached_property
+    def test_logits(self) -> Tensor:
+        if self.predict is None:
+            raise RuntimeError("AnalysisData.test_logits: no model to predict with yet")
+        return self.predict(self.test_images)
+
+
+@dataclass(frozen=True)
+class Findings:
+    """What an analysis returns; cifarx logs it into the run.
+
+    ``figure``: a matplotlib figure, logged as ``figures/<analysis>.png``. ``metrics``:
+    ``{key: number}``, logged as they are (the built-ins use ``analysis/...`` keys, and the
+    confusion matrix ``test/...``). ``files``: ``{artifact path: content}``: for a ``.pt`` path
+    a dict of tensors (saved with ``torch.save``; ``torch.load(path, weights_only=True)`` reads
+    it back), for ``.json`` a dict or list, for ``.png`` a matplotlib figure, else text.
+    ``summary``: one line for the console.
+    """
+
+    figure: Any = None
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    files: Mapping[str, Any] = field(default_factory=dict)
+    summary: str = ""
+
+
+@dataclass(frozen=True)
+class Analysis(_Declared):
+    """A look inside a trained model: ``analyze(model, data, **options)`` returns
+    :class:`Findings`.
+
+    ``model`` takes pixels in [0, 1] (it holds its normalization) and returns logits; it is in
+    eval mode, in float32, on the device of ``data.images``, and its parameters need no
+    gradient. Leave it as it is: change a copy. ``data`` is :class:`AnalysisData`. ``options``
+    are set with ``--analysis-opt <name>.NAME=VALUE`` and logged as the params
+    ``analysis.<name>.<option>``. ``check(model, data, **options)``, if given, runs before any
+    run opens (for ``cifarx train --analyze``, on the untrained model) and raises
+    :class:`cifarx.OptionError` for a value this model cannot take (a layer it lacks).
+    ``adversarial``: whether ``analyze`` looks at ``data.adversarial``; with
+    ``--adversarial``, the others are refused.
+    """
+
+    name: str
+    analyze: Callable[..., Findings]
+    summary: str = ""
+    options: Options = field(default_factory=dict)
+    check: Callable[..., None] | None = None
+    adversarial: bool = False
+
+
 KINDS: dict[str, tuple[str, type]] = {
     "dataset": ("register_datasets", Dataset),
     "augmentation": ("register_augmentations", Augmentation),
@@ -242,4 +325,5 @@ KINDS: dict[str, tuple[str, type]] = {
     "probe": ("register_probes", Probe),
     "attack": ("register_attacks", Attack),
     "executor": ("register_executors", Executor),
+    "analysis": ("register_analyses", Analysis),
 }

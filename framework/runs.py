@@ -1,7 +1,8 @@
 """Runs: one function per kind of run, a config in and a result out.
 
-``train_run``, ``evaluate_run``, ``attack_run`` and ``transfer_run`` check every input before
-they open an MLflow run (bad input opens none), then log into one run, which ends FINISHED,
+``train_run``, ``evaluate_run``, ``attack_run``, ``transfer_run`` and ``analyze_run`` check
+every input before they open an MLflow run (bad input opens none), then log into one run, which
+ends FINISHED,
 FAILED or KILLED. The CLI, the bench scripts and the tests call these; a sweep calls them with
 ``Tracking(parent=...)`` to make its trials child runs. The tags every run carries come from
 :func:`run_tags`, and only from there.
@@ -10,17 +11,18 @@ FAILED or KILLED. The CLI, the bench scripts and the tests call these; a sweep c
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 
-from . import __version__, adversarial, loop, transfer
+from . import __version__, adversarial, analysis, loop, transfer, weights
 from .config import Plan, TrainConfig, plan as make_plan, resolve_plugin_options
 from .data import resolve_data_dir, resolve_device
 from .errors import Diverged, UserError
-from .evaluation import Report, confusion
+from .evaluation import Report
 from .inference import predict, resolve_precision
 from .options import OptionError, flag_label, params as option_params, reword
 from .plugin_types import ImageData
@@ -36,17 +38,31 @@ PRUNED_TAG = "cifarx.pruned"  # "true" on a run a search's pruner stopped early
 class Tracking:
     """Where a run is logged. ``uri`` None: ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``;
     ``parent``: the id of the run this one is a child of (a sweep's trials); ``tags``: set on
-    the run besides cifarx's own."""
+    the run besides cifarx's own (the user's win); ``description``: the run's note in the
+    MLflow UI (default: one the command writes); ``system_metrics``: MLflow's CPU, memory and
+    GPU sampling."""
 
     uri: str | None = None
     experiment: str = DEFAULT_EXPERIMENT
     run_name: str | None = None
     parent: str | None = None
     tags: Mapping[str, str] = field(default_factory=dict)
+    description: str | None = None
+    system_metrics: bool = True
+    register_model: str | None = None  # a training's model goes to the Model Registry as this
 
     @property
     def resolved_uri(self) -> str:
         return tracking_uri(self.uri)
+
+    def open(self, default_name: str, tags: Mapping[str, str], description: str | None = None,
+             existing: str | None = None):
+        """Open the run (see :func:`cifarx.tracking.start_run`): cifarx's ``tags`` and the
+        user's, the user's description or ``description``; ``existing``: continue that run."""
+        return start_run(self.resolved_uri, self.experiment, self.run_name or default_name,
+                         {**tags, **self.tags}, self.parent, existing=existing,
+                         description=self.description or description,
+                         system_metrics=self.system_metrics)
 
 
 def run_tags(device: torch.device, catalog: Catalog | None = None,
@@ -100,10 +116,10 @@ class TrainJob:
 
     def warnings(self) -> list[str]:
         if self.setup.adv_images is None:
-            return []
+            return self.plan.warnings()
         return [f"--adv-data: its {len(self.setup.adv_images):,} images are adversarial "
                 f"versions of {self.setup.adv_test_images:,} test images; the test accuracy "
-                "counts their originals"]
+                "counts their originals", *self.plan.warnings()]
 
 
 @dataclass
@@ -113,6 +129,7 @@ class TrainRun:
     run_id: str
     experiment_id: str
     model_uri: str
+    findings: dict[str, Any] = field(default_factory=dict)  # by analysis, with --analyze
 
 
 def prepare_training(config: TrainConfig, catalog: Catalog | None = None,
@@ -128,9 +145,12 @@ def prepare_training(config: TrainConfig, catalog: Catalog | None = None,
 
 
 def train_run(config: TrainConfig | TrainJob, tracking: Tracking = Tracking(),
-              listeners: Sequence[loop.Listener] = (), catalog: Catalog | None = None
-              ) -> TrainRun:
-    """Train and log the run: params, dataset, metrics as they come, figures, the model.
+              listeners: Sequence[loop.Listener] = (), catalog: Catalog | None = None,
+              analyses: analysis.AnalysisPlan | None = None,
+              resume: tuple[str, dict] | None = None) -> TrainRun:
+    """Train and log the run: params, dataset, metrics as they come, figures, the model;
+    then ``analyses`` (``--analyze``) on the trained model, into the same run (each checked
+    against the model before the run opens).
 
     Raises :class:`Diverged` when the loss becomes NaN or infinite (the run ends FAILED with
     its metrics and figures, tagged ``cifarx.diverged_at``). A listener's :class:`loop.Stop`
@@ -141,21 +161,35 @@ def train_run(config: TrainConfig | TrainJob, tracking: Tracking = Tracking(),
         prepare_training(config, catalog, tracking.uri)
     plan, data = job.plan, job.data
     cfg = plan.config
-    tags = run_tags(plan.device, job.catalog, plan.plugins(), arch=cfg.arch,
+    if analyses is not None:  # --analyze takes no --images: the default, or the whole split
+        analyses = replace(analyses, images=min(analyses.images, len(data.test_labels)))
+        looked_at = analysis.inputs(analyses, data, plan.device)
+        analysis.check(analyses, job.setup.model, looked_at)
+    tags = run_tags(plan.device, job.catalog,
+                    plan.plugins() + (analyses.plugins() if analyses else []), arch=cfg.arch,
                     aug=",".join(plan.pipeline.names), dataset=plan.dataset.name,
                     adv_train=plan.attack.name if plan.attack else None,
-                    adv_data=",".join(cfg.adv_data) or None)
-    with start_run(tracking.resolved_uri, tracking.experiment, tracking.run_name or job.label,
-                   {**tags, **tracking.tags}, tracking.parent) as run:
-        added = {} if job.setup.adv_images is None else {
-            "adv_data_images": len(job.setup.adv_images),
-            "adv_data_test_images": job.setup.adv_test_images}
-        run.log_params({**plan.params(), **added})
-        run.log_dataset(f"{plan.dataset.name}-{cfg.train_split}", data.source,
-                        data_digest(data.train_images, data.train_labels), context="training")
-        run.log_dict(asdict(cfg), "config.json")
+                    adv_data=",".join(cfg.adv_data) or None,
+                    analyses=",".join(analyses.names) if analyses else None)
+    existing, state = resume or (None, None)
+    with tracking.open(job.label, tags, describe(plan), existing) as run:
+        if existing is None:  # a resumed run has them already
+            added = {} if job.setup.adv_images is None else {
+                "adv_data_images": len(job.setup.adv_images),
+                "adv_data_test_images": job.setup.adv_test_images}
+            if job.setup.split.val_images is not None:
+                added["val_images"] = len(job.setup.split.val_images)
+            run.log_params({**plan.params(), **added})
+            run.log_dataset(f"{plan.dataset.name}-{cfg.train_split}", data.source,
+                            data_digest(data.train_images, data.train_labels),
+                            context="training")
+            run.log_dict(asdict(cfg), "config.json")
+        checkpointing = loop.Checkpointing(
+            cfg.checkpoint_every, lambda snapshot: save_checkpoint(run, snapshot), state
+        ) if cfg.checkpoint_every or state is not None else None
         try:
-            result = loop.train(plan, data, job.setup, [run.log_points, *listeners])
+            result = loop.train(plan, data, job.setup, [run.log_points, *listeners],
+                                checkpointing)
         except Diverged as exc:  # the curves up to the divergence are what explains it
             run.set_tags({"cifarx.diverged_at": exc.step})
             log_figures(plan, exc.history, run,
@@ -165,9 +199,83 @@ def train_run(config: TrainConfig | TrainJob, tracking: Tracking = Tracking(),
         if result.stopped is not None:
             run.set_tags({"cifarx.stopped_at": result.steps, **(
                 {PRUNED_TAG: "true"} if isinstance(result.stopped, loop.Pruned) else {})})
-        model_uri = finish(plan, result, run, third_party(job.catalog, plan.plugins()))
+        model_uri = finish(job, result, run, tracking.register_model)
+        findings = {}
+        if analyses is not None:
+            run.log_params({**analyses.params(), "analysis_images": len(looked_at.labels)})
+            findings = analysis.run(analyses, result.model, looked_at, run, cfg.precision,
+                                    result.steps or cfg.iters)
         experiment_id = run.experiment_id
-    return TrainRun(job, result, run.id, experiment_id, model_uri)
+    return TrainRun(job, result, run.id, experiment_id, model_uri, findings)
+
+
+CHECKPOINT = "checkpoints/checkpoint.pt"  # a training run's last checkpoint, as an artifact
+
+
+def save_checkpoint(run: Run, snapshot: dict):
+    """Store the training state as the run's checkpoint (replacing the previous one)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="cifarx-checkpoint-") as tmp:
+        path = Path(tmp) / Path(CHECKPOINT).name
+        torch.save(snapshot, path)
+        run.log_artifact(path, str(Path(CHECKPOINT).parent))
+
+
+def resume_run(run_id: str, tracking: Tracking = Tracking(),
+               listeners: Sequence[loop.Listener] = (), catalog: Catalog | None = None
+               ) -> TrainRun:
+    """Continue the training run ``run_id`` (killed, or stopped by SIGTERM) from its last
+    checkpoint, with every option it was started with; its metrics go on at the right steps
+    and its run id stays. On the CPU with the same threads and fp32, the result equals an
+    uninterrupted training's."""
+    job, resume, tracking = prepare_resume(run_id, tracking, catalog)
+    return train_run(job, tracking, listeners, resume=resume)
+
+
+def prepare_resume(run_id: str, tracking: Tracking, catalog: Catalog | None = None,
+                   load: Callable[[Plan], ImageData] | None = None
+                   ) -> tuple[TrainJob, tuple[str, dict], Tracking]:
+    """What :func:`resume_run` trains: the run's job built from its config, the checkpoint,
+    the tracking with the run's name; no run opened."""
+    import dataclasses
+    import json
+    import tempfile
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking.resolved_uri)
+    try:
+        run = client.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise UserError(f"--resume {run_id}: no such run in {tracking.resolved_uri}") from None
+    if run.info.status == "FINISHED":
+        raise UserError(f"--resume {run_id}: the run finished; there is nothing to continue")
+    names = {a.path for a in client.list_artifacts(run_id)} | \
+        {a.path for a in client.list_artifacts(run_id, "checkpoints")}
+    if "config.json" not in names:
+        raise UserError(f"--resume {run_id}: not a cifarx training run (no config.json)")
+    if CHECKPOINT not in names:
+        raise UserError(f"--resume {run_id}: the run has no checkpoint; train with "
+                        "--checkpoint-every N to make runs resumable")
+    with tempfile.TemporaryDirectory(prefix="cifarx-resume-") as tmp:
+        saved = json.loads(Path(client.download_artifacts(run_id, "config.json", tmp))
+                           .read_text())
+        state = torch.load(client.download_artifacts(run_id, CHECKPOINT, tmp),
+                           map_location="cpu", weights_only=True)
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v
+                            for k, v in saved.items() if k in fields})
+    job = prepare_training(config, catalog, tracking.uri, load)
+    return job, (run_id, state), dataclasses.replace(tracking, run_name=run.info.run_name)
+
+
+def best_metrics(plan: Plan, result: loop.Result) -> dict[str, float]:
+    """``best/step`` and ``best/<monitored metric>``: the best evaluation, where the run
+    selects one (``--val-split``, ``--early-stop``, ``--keep best``)."""
+    if result.best is None:
+        return {}
+    return {"best/step": result.best[0], f"best/{plan.config.monitor}": result.best[1]}
 
 
 def log_figures(plan: Plan, history: Mapping[str, list[tuple[int, float]]], run: Run, title: str):
@@ -180,20 +288,54 @@ def log_figures(plan: Plan, history: Mapping[str, list[tuple[int, float]]], run:
             run.log_figure(probe.figure(history), f"figures/{probe.name}.png")
 
 
-def finish(plan: Plan, result: loop.Result, run: Run, packages: tuple[str, ...]) -> str:
-    """Log the end-of-run summary metrics, the figures and the model; the model's URI."""
+def describe(plan: Plan) -> str:
+    """A training run's description: what was trained, on what, how."""
+    cfg = plan.config
+    return (f"{cfg.arch} trained on {plan.dataset.name} ({cfg.train_split}) with "
+            f"{','.join(plan.pipeline.names)}: {cfg.iters} iterations of {cfg.batch_size}, "
+            f"{cfg.optimizer} lr {cfg.lr:g} ({cfg.schedule}), seed {cfg.seed}")
+
+
+def model_recipe(job: TrainJob) -> dict[str, Any]:
+    """What cifarx needs to rebuild the trained model from its weights (:mod:`cifarx.weights`)."""
+    plan, normalize = job.plan, job.plan.pipeline.normalize
+    origin = {f"{kind}.{name}": "==".join(filter(None, job.catalog.origin(kind, name)))
+              for kind, name in [("architecture", plan.arch.name),
+                                 ("augmentation", normalize.name)]}
+    return weights.recipe(plan.arch.name, plan.arch_options, normalize.name,
+                          plan.pipeline.options[normalize.name],
+                          tuple(job.data.train_images.shape[1:]), job.data.classes, origin)
+
+
+def finish(job: TrainJob, result: loop.Result, run: Run, register: str | None = None) -> str:
+    """Log the end-of-run summary metrics, the figures and the model; the model's URI.
+
+    The final metrics are logged with the model, on the test set (a dataset of the run);
+    the metrics of the last step are linked to the model too; ``register`` adds the model to
+    the Model Registry under that name.
+    """
+    plan, data = job.plan, job.data
+    cfg = plan.config
+    step = result.steps or cfg.iters
+    test = (f"{plan.dataset.name}-test", data_digest(data.test_images, data.test_labels))
+    run.log_dataset(test[0], data.source, test[1], context="test")
     now = int(time.time() * 1000)
-    run.log_points([(key, value, result.steps or plan.config.iters, now) for key, value in {
-        "final/test_acc": result.test_acc, "final/test_loss": result.test_loss,
-        "final/train_seconds": result.seconds, "final/images_per_second": result.images_per_second,
-    }.items()])
-    title = f"{plan.config.arch} ({','.join(plan.pipeline.names)}): final test accuracy " \
+    run.log_points([(key, value, step, now) for key, value in {
+        "final/train_seconds": result.seconds,
+        "final/images_per_second": result.images_per_second}.items()])
+    title = f"{cfg.arch} ({','.join(plan.pipeline.names)}): final test accuracy " \
             f"{result.test_acc:.2%}"
     if result.stopped is not None:
         title += f" ({result.stopped.reason})"
     log_figures(plan, result.history, run, title)
+    run.wait()  # MLflow links to the model the metrics stored at its step
     model = result.model.to("cpu", memory_format=torch.contiguous_format).eval()
-    return run.log_model(model, packages)
+    tags = {"cifarx.arch": cfg.arch, "cifarx.dataset": plan.dataset.name,
+            "cifarx.aug": ",".join(plan.pipeline.names)}
+    final = {"final/test_acc": result.test_acc, "final/test_loss": result.test_loss,
+             **best_metrics(plan, result)}
+    return run.log_model(model, third_party(job.catalog, plan.plugins()), model_recipe(job),
+                         data.test_images[:2].float() / 255, step, tags, register, final, test)
 
 
 # --- evaluation -----------------------------------------------------------------------------
@@ -202,11 +344,12 @@ def finish(plan: Plan, result: loop.Result, run: Run, packages: tuple[str, ...])
 @dataclass(frozen=True)
 class EvaluateConfig:
     model: str  # runs:/<id>/model, models:/<name>/<version>, or a model folder
-    dataset: str = "cifar10"
+    dataset: str | None = None  # None: the dataset the model was trained on
     data_dir: str | None = None
     dataset_options: tuple[str, ...] = ()
     device: str = "auto"
     precision: str = "auto"
+    trust_pickle: bool = False  # load a model that is only a pickle (see cifarx.weights)
 
 
 @dataclass
@@ -237,37 +380,120 @@ def model_classes(model, data: ImageData, flag: str = "--model") -> tuple[str, .
 
 def evaluate_run(config: EvaluateConfig, tracking: Tracking = Tracking(),
                  catalog: Catalog | None = None) -> EvaluateRun:
-    """Test accuracy, per-class accuracy and a confusion matrix of a saved model, as a run."""
-    from .figures import confusion_matrix
+    """Test accuracy, per-class accuracy and a confusion matrix of a saved model, as a run:
+    :func:`analyze_run` with the ``confusion-matrix`` analysis, in ``precision`` as training
+    evaluates."""
+    done = analyze_run(AnalyzeConfig(
+        config.model, ("confusion-matrix",), dataset=config.dataset, data_dir=config.data_dir,
+        dataset_options=config.dataset_options, device=config.device,
+        precision=config.precision, trust_pickle=config.trust_pickle), tracking, catalog,
+        command="evaluate")
+    found = done.findings["confusion-matrix"]
+    saved = found.files["confusion_matrix.json"]
+    report = Report(found.metrics["test/acc"], found.metrics["test/loss"],
+                    tuple(saved["classes"]), np.array(saved["matrix"]))
+    return EvaluateRun(report, done.run_id, done.experiment_id)
 
+
+# --- analyses -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AnalyzeConfig:
+    """``cifarx analyze``. ``analysis_options`` are ``ANALYSIS.NAME=VALUE`` texts."""
+
+    model: str | None = None  # None with ``adversarial``: the model the set was made on
+    analyses: tuple[str, ...] = ()
+    analysis_options: tuple[str, ...] = ()
+    images: int = analysis.DEFAULT_IMAGES
+    seed: int = 0
+    adversarial: str | None = None  # an attack run's id, or a set.pt file
+    dataset: str | None = None  # None: the dataset the model was trained on
+    data_dir: str | None = None
+    dataset_options: tuple[str, ...] = ()
+    device: str = "auto"
+    precision: str = "fp32"  # of the test split's logits; attributions are always float32
+    trust_pickle: bool = False
+
+
+@dataclass
+class AnalyzeRun:
+    findings: dict[str, Any]  # by analysis: its Findings
+    images: int  # how many images the analyses were given
+    run_id: str
+    experiment_id: str
+
+
+def model_dataset(model_uri: str, uri: str) -> str:
+    """The dataset a model was trained on (its run's ``cifarx.dataset`` tag): the default of
+    ``--dataset`` for the commands that take ``--model``; cifar10 when the run is unknown (a
+    model folder)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(uri)
+    run_id = source_run_id(model_uri)
+    try:
+        if run_id is None and model_uri.startswith("models:/"):
+            name, _, version = model_uri[len("models:/"):].partition("/")
+            run_id = client.get_model_version(name, version).run_id if version.isdigit() \
+                else None
+        if run_id:
+            return client.get_run(run_id).data.tags.get("cifarx.dataset", "cifar10")
+    except MlflowException:
+        pass
+    return "cifar10"
+
+
+def analyze_run(config: AnalyzeConfig, tracking: Tracking = Tracking(),
+                catalog: Catalog | None = None,
+                on_done: Callable[[str, Any, float], None] | None = None,
+                command: str = "analyze") -> AnalyzeRun:
+    """Analyses of a saved model, or of a stored adversarial set and its model, as a run
+    tagged ``cifarx.source_run``: every check first (names, options, the model, the data,
+    each analysis's own check), then one run. ``on_done(name, findings, seconds)`` hears
+    each analysis as it ends."""
     catalog = catalog or default_catalog()
+    chosen = analysis.plan(catalog, config.analyses, config.analysis_options, config.images,
+                           config.seed, adversarial=config.adversarial is not None)
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     uri = tracking.resolved_uri
-    dataset, data, values = load_test_data(catalog, config.dataset, config.data_dir,
+    adv_set = transfer.load_set(config.adversarial, uri) if config.adversarial else None
+    model_uri = config.model or (adv_set["model_uri"] if adv_set is not None else None)
+    if not model_uri:
+        raise UserError("--model: name the model to analyze (runs:/<run id>/model, "
+                        "models:/<name>/<version> or a model folder); with --adversarial it "
+                        "defaults to the model the set was made on")
+    model = load_model(model_uri, uri, device, config.trust_pickle, catalog)
+    dataset_name = config.dataset or model_dataset(model_uri, uri)
+    dataset, data, values = load_test_data(catalog, dataset_name, config.data_dir,
                                            config.dataset_options)
-    model = load_model(config.model, uri, device)
     model_classes(model, data)
-    tags = run_tags(device, catalog, [("dataset", dataset.name)], dataset=dataset.name,
-                    model_uri=config.model, source_run=source_run_id(config.model))
-    with start_run(uri, tracking.experiment, tracking.run_name or f"evaluate {config.model}",
-                   tags, tracking.parent) as run:
-        logits = predict(model, data.test_images, device, precision, fold=True)
-        report = confusion(logits, data.test_labels.to(device), data.classes)
-        run.log_params({"model": config.model, "dataset": dataset.name, "precision": precision,
-                        "device": str(device), "data_dir": str(resolve_data_dir(config.data_dir)),
+    if adv_set is not None and (list(adv_set["classes"]) != list(data.classes) or tuple(
+            adv_set["images"].shape[1:]) != tuple(data.test_images.shape[1:])):
+        raise UserError(f"--adversarial {config.adversarial}: the set's images or classes are "
+                        f"not those of the {dataset.name} test split")
+    looked_at = analysis.inputs(chosen, data, device, adv_set)
+    analysis.check(chosen, model, looked_at)
+    tags = run_tags(device, catalog, [("dataset", dataset.name), *chosen.plugins()],
+                    dataset=dataset.name, model_uri=model_uri,
+                    source_run=source_run_id(model_uri), analyses=",".join(chosen.names),
+                    adversarial_run=config.adversarial)
+    of = f"the adversarial set {config.adversarial} on " if adv_set is not None else ""
+    with tracking.open(f"{command} {model_uri}", tags,
+                       f"{', '.join(chosen.names)} of {of}{model_uri} on the {dataset.name} "
+                       "test set") as run:
+        run.log_params({"model": model_uri, "dataset": dataset.name,
+                        "data_dir": str(resolve_data_dir(config.data_dir)),
+                        "images": len(looked_at.labels), "seed": config.seed,
+                        **({"adversarial": config.adversarial} if config.adversarial else {}),
+                        "precision": precision, "device": str(device),
+                        "threads": torch.get_num_threads(), **chosen.params(),
                         **option_params("dataset", values)})
-        now = int(time.time() * 1000)
-        points = [("test/acc", report.accuracy, 0, now), ("test/loss", report.loss, 0, now)]
-        points += [(f"test/acc/{name}", value, 0, now) for name, value in report.per_class.items()]
-        run.log_points(points)
-        run.log_dict({"classes": list(data.classes), "matrix": report.matrix.tolist()},
-                     "confusion_matrix.json")
-        run.log_figure(confusion_matrix(report.matrix, data.classes,
-                                        f"test accuracy {report.accuracy:.2%}"),
-                       "figures/confusion_matrix.png")
+        found = analysis.run(chosen, model, looked_at, run, precision, on_done=on_done)
         experiment_id = run.experiment_id
-    return EvaluateRun(report, run.id, experiment_id)
+    return AnalyzeRun(found, len(looked_at.labels), run.id, experiment_id)
 
 
 # --- attacks --------------------------------------------------------------------------------
@@ -287,11 +513,12 @@ class AttackConfig:
     all_test: bool = False
     replace: bool = True  # --per-class: an image that fails is replaced by the next of its class
     batch_size: int = 500
-    dataset: str = "cifar10"
+    dataset: str | None = None  # None: the dataset the model was trained on
     data_dir: str | None = None
     dataset_options: tuple[str, ...] = ()
     device: str = "auto"
     seed: int = 0
+    trust_pickle: bool = False
 
 
 @dataclass
@@ -317,8 +544,10 @@ def attack_run(config: AttackConfig, tracking: Tracking = Tracking(),
     values = resolve_plugin_options("attack", attack, config.attack_options, label)
     device = resolve_device(config.device)
     uri = tracking.resolved_uri
-    model = adversarial.for_attack(load_model(config.model, uri, device))
-    dataset, data, dataset_values = load_test_data(catalog, config.dataset, config.data_dir,
+    model = adversarial.for_attack(load_model(config.model, uri, device, config.trust_pickle,
+                                              catalog))
+    dataset_name = config.dataset or model_dataset(config.model, uri)
+    dataset, data, dataset_values = load_test_data(catalog, dataset_name, config.data_dir,
                                                    config.dataset_options)
     classes = model_classes(model, data)
     if values.get("target") is not None:
@@ -347,8 +576,9 @@ def attack_run(config: AttackConfig, tracking: Tracking = Tracking(),
               "replace": config.replace and how[0] == "per_class",
               "device": str(device), "threads": torch.get_num_threads(),
               **option_params("dataset", dataset_values)}
-    name = tracking.run_name or f"{attack.name} {config.model}"
-    with start_run(uri, tracking.experiment, name, tags, tracking.parent) as run:
+    with tracking.open(f"{attack.name} {config.model}", tags,
+                       f"{attack.name} attack on {len(indices)} {dataset.name} test images "
+                       f"against {config.model}") as run:
         if on_start is not None:
             on_start(len(indices), device)
         result, indices, replaced, seconds = adversarial.attack_images(
@@ -371,6 +601,7 @@ class TransferConfig:
     adversarial: tuple[str, ...]  # attack run ids, or set.pt files
     models: tuple[str, ...]  # target model URIs
     device: str = "auto"
+    trust_pickle: bool = False
 
 
 @dataclass
@@ -390,7 +621,8 @@ def transfer_run(config: TransferConfig, tracking: Tracking = Tracking()) -> Tra
     device = resolve_device(config.device)
     refs, model_uris = list(dict.fromkeys(config.adversarial)), list(dict.fromkeys(config.models))
     sets = [transfer.load_set(ref, uri) for ref in refs]
-    models = [adversarial.for_attack(load_model(m, uri, device)) for m in model_uris]
+    models = [adversarial.for_attack(load_model(m, uri, device, config.trust_pickle))
+              for m in model_uris]
     for ref, adv_set in zip(refs, sets):
         for m, model in zip(model_uris, models):
             classes = getattr(model, "classes", None)
@@ -409,8 +641,9 @@ def transfer_run(config: TransferConfig, tracking: Tracking = Tracking()) -> Tra
                 "label": transfer.describe_model(m, client)} for m in model_uris]
     tags = run_tags(device, adversarial_runs=",".join(refs), target_models=",".join(model_uris),
                     source_run=refs[0] if len(refs) == 1 else None)
-    name = tracking.run_name or f"transfer {len(refs)} set(s) to {len(model_uris)} model(s)"
-    with start_run(uri, tracking.experiment, name, tags, tracking.parent) as run:
+    with tracking.open(f"transfer {len(refs)} set(s) to {len(model_uris)} model(s)", tags,
+                       f"Adversarial sets {', '.join(refs)} fed to "
+                       f"{', '.join(model_uris)}") as run:
         run.log_params({**{f"adversarial.{s['key']}": s["ref"] for s in sources},
                         **{f"model.{t['key']}": t["model_uri"] for t in targets},
                         "device": str(device)})

@@ -304,6 +304,15 @@ def digest(obj: Any) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def config_key(config: TrainConfig) -> str:
+    """A training's identity in a sweep: the digest of the options it sets to other than their
+    defaults. A new cifarx option (with its default) leaves every key as it was, so a sweep
+    started before it still resumes."""
+    default = type(config)()
+    return digest({name: value for name, value in asdict(config).items()
+                   if value != getattr(default, name)})
+
+
 def configurations(study: Study, points: list[dict[str, Any]] | None = None
                    ) -> list[Configuration]:
     """Every configuration of the study (seed 0): the grid's combinations, or ``trials``
@@ -331,7 +340,7 @@ def configurations(study: Study, points: list[dict[str, Any]] | None = None
         where = "study, configuration " + (", ".join(f"{k}={opts.show(v)}"
                                                      for k, v in axes.items()) or str(i))
         config = apply({**study.train, **axes}, where)
-        found.append(Configuration(digest(asdict(config)), axes, config))
+        found.append(Configuration(config_key(config), axes, config))
     return found
 
 

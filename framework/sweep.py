@@ -26,15 +26,15 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from . import stats
 from .config import OPTION_FLAGS, plan as make_plan, resolve_plugin_options
 from .errors import UserError
 from .options import OptionError, flag_label, reword, show
 from .registry import Catalog, catalog as default_catalog
-from .studies import (Configuration, Study, apply, axes_of, configurations, digest, from_dict,
-                      pruner_warmup, raw_of)
+from .studies import (Configuration, Study, apply, axes_of, config_key, configurations, digest,
+                      from_dict, pruner_warmup, raw_of)
 from .tracking import quiet_mlflow, start_run, tracking_uri as resolve_uri
 from .trials import EXECUTOR_TAG, TRIAL_TAG, Outcome, Pruning, Trial, make_pruner
 
@@ -45,7 +45,8 @@ STUDY_ARTIFACT = "study.json"
 TPE_STARTUP = 10  # configurations the TPE sampler draws at random before it models results
 # what a tpe search can optimize (a trial's outcome has these), and the curve its pruner follows
 SEARCH_METRICS = {"final/test_acc": "test/acc", "final/test_loss": "test/loss",
-                  "final/train_seconds": None, "final/images_per_second": None}
+                  "final/train_seconds": None, "final/images_per_second": None,
+                  "val/acc": "val/acc", "val/loss": "val/loss"}  # with val-split in [train]
 
 
 @dataclass
@@ -65,13 +66,12 @@ class SweepPlan:
 @dataclass
 class Search:
     """A tpe search, planned: the seeded sampler (it drew ``first``), each axis's Optuna
-    distribution, the configurations asked at once after the first, the pruner."""
+    distribution, the pruner."""
 
     sampler: Any
     distributions: dict[str, Any]
     encoded: dict[str, dict[str, Any]]  # axis -> {choice as Optuna holds it: value as written}
     first: list[dict[str, Any]]  # the first configurations' Optuna params
-    batch: int  # configurations asked at once after the first
     pruner: tuple | None  # ("median", startup, warmup), or None
     curve: str | None  # what the pruner follows
 
@@ -91,6 +91,7 @@ class SweepResult:
     ranked: list[dict[str, Any]]
     verdict: str
     failed: list[Outcome] = field(default_factory=list)
+    best_run: str | None = None  # the best configuration's best seed's run
 
 
 def plan_sweep(study: Study, executor: str = "local", executor_options=(),
@@ -115,7 +116,7 @@ def plan_sweep(study: Study, executor: str = "local", executor_options=(),
             where = ", ".join(f"{k}={show(v)}" for k, v in point.axes.items())
             raise UserError(f"study{' (' + where + ')' if where else ''}: {exc}") from None
     uri = resolve_uri(uri)
-    trials = [Trial(key=digest(asdict(config)), number=i, config=config, axes=point.axes,
+    trials = [Trial(key=config_key(config), number=i, config=config, axes=point.axes,
                     tracking_uri=uri, experiment=study.experiment, parent="",
                     executor=found.name, run_name=trial_name(point.axes, config.seed))
               for i, (point, config) in enumerate(
@@ -174,12 +175,15 @@ def plan_search(study: Study, executor: str, options: dict[str, Any]) -> Search:
         else:
             distributions[key] = optuna.distributions.FloatDistribution(
                 float(args[0]), float(args[1]), log=kind == "log-uniform")
-    batch = max(1, math.ceil(parallelism(executor, options) / len(study.seeds)))
-    sampler = optuna.samplers.TPESampler(seed=study.search_seed, n_startup_trials=TPE_STARTUP)
+    running = max(1, math.ceil(parallelism(executor, options) / len(study.seeds)))
+    # constant_liar: a configuration still running counts as a poor result, so that the
+    # configurations asked while others run are not drawn next to them
+    sampler = optuna.samplers.TPESampler(seed=study.search_seed, n_startup_trials=TPE_STARTUP,
+                                         constant_liar=True)
     drawing = optuna.create_study(sampler=sampler, direction=study.direction)
     first = [drawing.ask(distributions).params
-             for _ in range(min(study.trials, max(batch, TPE_STARTUP)))]
-    return Search(sampler, distributions, encoded, first, batch, pruner, curve)
+             for _ in range(min(study.trials, max(running, TPE_STARTUP)))]
+    return Search(sampler, distributions, encoded, first, pruner, curve)
 
 
 def remote_workers(executor: str, options: dict[str, Any]) -> bool:
@@ -255,12 +259,35 @@ def finished_children(uri: str, parent: str) -> dict[str, Outcome]:
     return done
 
 
+def resumable_children(uri: str, parent: str) -> dict[str, str]:
+    """The KILLED (or left RUNNING by a kill) trials of a sweep run that have a checkpoint:
+    trial key -> run id, the latest run of each key."""
+    import mlflow
+
+    from .runs import CHECKPOINT
+
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_run(parent).info.experiment_id
+    found = {}
+    for run in client.search_runs([experiment], max_results=10000, order_by=[
+            "attributes.start_time ASC"], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'"):
+        key = run.data.tags.get(TRIAL_TAG)
+        if key and run.info.status in ("KILLED", "RUNNING") and any(a.path == CHECKPOINT for a in
+                       client.list_artifacts(run.info.run_id, "checkpoints")):
+            found[key] = run.info.run_id
+    return found
+
+
 def sweep_run(sweep: SweepPlan, resume: str | None = None,
-              on_outcome: Callable[[Outcome, int, int], None] | None = None) -> SweepResult:
+              on_outcome: Callable[[Outcome, int, int], None] | None = None,
+              register: str | None = None, description: str | None = None,
+              user_tags: Mapping[str, str] | None = None) -> SweepResult:
     """Run the sweep's missing trials under one parent run and log the summary.
 
     ``resume``: the sweep's run id (else an earlier sweep of the same trials in the experiment,
     if any, is continued). ``on_outcome(outcome, done, total)`` hears each trial as it ends.
+    ``register``: add the best trial's model (the best configuration's best seed) to the
+    Model Registry under this name. ``description`` and ``user_tags`` go on the sweep's run.
     """
     study, uri = sweep.study, sweep.uri
     quiet_mlflow()
@@ -269,7 +296,11 @@ def sweep_run(sweep: SweepPlan, resume: str | None = None,
     earlier = finished_children(uri, existing) if existing else {}
     tags = {SWEEP_TAG: "true", DIGEST_TAG: sweep.digest, EXECUTOR_TAG: sweep.executor.name}
     name = f"sweep {', '.join(axes_of(study)) or 'seeds'}"
-    with start_run(uri, study.experiment, name, tags, existing=existing) as run:
+    total = study.trials * len(study.seeds) if sweep.search else len(sweep.trials)
+    with start_run(uri, study.experiment, name, {**tags, **(user_tags or {})}, existing=existing,
+                   description=description or f"Study {study.experiment}: {total} trials, "
+                   f"{study.search} search over {', '.join(axes_of(study)) or 'seeds'}"
+                   ) as run:
         if not existing:
             run.log_params({
                 "search": study.search, "seeds": ",".join(map(str, study.seeds)),
@@ -288,7 +319,9 @@ def sweep_run(sweep: SweepPlan, resume: str | None = None,
             run.log_dict(raw_of(study), STUDY_ARTIFACT)
             if study.source:
                 run.log_text(study.source, "study.toml")
-        todo = [replace(t, parent=run.id) for t in sweep.trials if t.key not in earlier]
+        interrupted = resumable_children(uri, existing) if existing else {}
+        todo = [replace(t, parent=run.id, resume=interrupted.get(t.key))
+                for t in sweep.trials if t.key not in earlier]
         outcomes: list[Outcome] = []
 
         def heard(outcome: Outcome):
@@ -304,9 +337,22 @@ def sweep_run(sweep: SweepPlan, resume: str | None = None,
                 sweep.executor.run(todo, heard, **sweep.executor_options)
             seconds = time.perf_counter() - start
             result = summarize(sweep, run, outcomes, earlier, seconds)
+        if register and result.best_run:
+            version = register_model(result.best_run, register)
+            run.set_tags({REGISTERED_TAG: f"{register}/{version}"})
         experiment_id = run.experiment_id
     result.run_id, result.experiment_id = run.id, experiment_id
     return result
+
+
+REGISTERED_TAG = "cifarx.registered_model"  # on a sweep: NAME/VERSION of its best trial's
+
+
+def register_model(run_id: str, name: str) -> str:
+    """Add ``runs:/<run_id>/model`` to the Model Registry as ``name``; the new version."""
+    import mlflow
+
+    return mlflow.register_model(f"runs:/{run_id}/model", name).version
 
 
 def run_search(sweep: SweepPlan, run, on_outcome, start: float) -> SweepResult:
@@ -322,8 +368,8 @@ def run_search(sweep: SweepPlan, run, on_outcome, start: float) -> SweepResult:
     study, search = sweep.study, sweep.search
     if study.metric.startswith(("final/test_", "test/")):
         err.print(f"cifarx: warning: the search selects on {study.metric}, measured on the test "
-                  "set: the best configuration's test accuracy is optimistic (a validation "
-                  "split will come)", highlight=False, soft_wrap=True)
+                  "set: the best configuration's test accuracy is optimistic; select on val/acc "
+                  "with val-split in the study's [train] table", highlight=False, soft_wrap=True)
     total = study.trials * len(study.seeds)
     ran: list[Trial] = []
     outcomes: list[Outcome] = []
@@ -347,10 +393,10 @@ def run_search(sweep: SweepPlan, run, on_outcome, start: float) -> SweepResult:
             if len(group) == len(study.seeds):
                 tell(ostudy, otrial, group, study.metric)
 
-        asked, size = 0, len(search.first)
-        while asked < study.trials:
-            batch = []
-            for _ in range(min(size, study.trials - asked)):
+        def trials():
+            """Each configuration asked when the executor can start its first seed: Optuna
+            has heard every configuration that ended before."""
+            for _ in range(study.trials):
                 otrial = ostudy.ask(search.distributions)
                 axes = search.axes(otrial.params)
                 group: list[Outcome] = []
@@ -360,21 +406,18 @@ def run_search(sweep: SweepPlan, run, on_outcome, start: float) -> SweepResult:
                     pruning = Pruning(journal, name, otrial._trial_id, search.pruner,
                                       search.curve, report=i == 0, last=config.iters
                                       ) if search.pruner else None
-                    trial = Trial(key=digest(asdict(config_seed)), number=len(ran),
+                    trial = Trial(key=config_key(config_seed), number=len(ran),
                                   config=config_seed, axes=axes, tracking_uri=sweep.uri,
                                   experiment=study.experiment, parent=run.id,
                                   executor=sweep.executor.name,
                                   run_name=trial_name(axes, seed), pruning=pruning)
                     ran.append(trial)
-                    batch.append(trial)
                     waiting[trial.number] = (otrial, group)
-            asked += len(batch) // len(study.seeds)
-            sweep.executor.run(batch, heard, **sweep.executor_options)
-            lost = {otrial.number: otrial for otrial, _ in waiting.values()}
-            for otrial in lost.values():  # a trial the executor never reported
-                ostudy.tell(otrial, state=TrialState.FAIL)
-            waiting.clear()
-            size = search.batch
+                    yield trial
+
+        sweep.executor.run(trials(), heard, **sweep.executor_options)
+        for otrial in {o.number: o for o, _ in waiting.values()}.values():
+            ostudy.tell(otrial, state=TrialState.FAIL)  # a trial the executor never reported
         seconds = time.perf_counter() - start
         info = search_summary(ostudy, search, run)
         run.log_artifact(journal)
@@ -407,7 +450,7 @@ def search_summary(ostudy, search: Search, run) -> dict[str, Any]:
     info: dict[str, Any] = {
         "sampler": "tpe", "pruner": list(search.pruner) if search.pruner else None,
         "pruned_curve": search.curve if search.pruner else None,
-        "first": len(search.first), "batch": search.batch,
+        "first": len(search.first),
         "best": {"number": best.number, "params": search.axes(best.params),
                  "value": best.value} if best else None,
         "trials": [{"number": t.number, "state": t.state.name, "value": t.value,
@@ -445,10 +488,12 @@ def summarize(sweep: SweepPlan, run, outcomes: list[Outcome], earlier: dict,
 
     study = sweep.study
     by_key = {t.key: t for t in sweep.trials}
-    config_of = {t.key: digest(asdict(replace(t.config, seed=0))) for t in sweep.trials}
+    config_of = {t.key: config_key(replace(t.config, seed=0)) for t in sweep.trials}
     finished = [(by_key[key], metrics, curve) for key, (_, metrics, curve) in earlier.items()
                 if key in by_key]
     finished += [(o.trial, o.metrics, o.curve) for o in outcomes if o.status == "FINISHED"]
+    run_of = {key: run_id for key, (run_id, _, _) in earlier.items()}
+    run_of.update({o.trial.key: o.run_id for o in outcomes if o.status == "FINISHED"})
     metrics = list(dict.fromkeys([study.metric, "final/test_acc"]))
     rows = [{"config": config_of[t.key], "axes": dict(t.axes), "seed": t.config.seed,
              "metrics": m} for t, m, _ in finished]
@@ -496,4 +541,11 @@ def summarize(sweep: SweepPlan, run, outcomes: list[Outcome], earlier: dict,
         points.append((f"best/{study.metric}_mean", ranked[0][f"{study.metric}_mean"], 0, now))
     run.log_points(points)
     run.set_tags({FAILED_TAG: ",".join(str(o.trial.number) for o in failed)} if failed else {})
-    return SweepResult("", "", outcomes, len(earlier), summary, ranked, verdict, failed)
+    best_run = None
+    if ranked:  # of the best configuration's seeds, the one with the best metric
+        sign = 1 if study.direction == "maximize" else -1
+        seeds = [(sign * m[study.metric], run_of.get(t.key)) for t, m, _ in finished
+                 if config_of[t.key] == ranked[0]["config"] and study.metric in m]
+        best_run = max(seeds, key=lambda s: s[0])[1] if seeds else None
+    return SweepResult("", "", outcomes, len(earlier), summary, ranked, verdict, failed,
+                       best_run)

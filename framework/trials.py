@@ -36,6 +36,7 @@ class Trial:
     executor: str
     run_name: str | None = None
     pruning: Pruning | None = None  # a tpe search's pruner watches this trial
+    resume: str | None = None  # the run of this trial that was interrupted: continue it
 
 
 @dataclass(frozen=True)
@@ -90,9 +91,13 @@ def run_trial(trial: Trial) -> Outcome:
     tracking = runs.Tracking(trial.tracking_uri, trial.experiment, trial.run_name, trial.parent,
                              {TRIAL_TAG: trial.key, EXECUTOR_TAG: trial.executor})
     try:
-        job = runs.prepare_training(trial.config, uri=trial.tracking_uri, load=_load)
         listeners = [pruning_listener(trial.pruning)] if trial.pruning else []
-        done = runs.train_run(job, tracking, listeners)
+        if trial.resume:  # from its last checkpoint, in its own run
+            job, resume, tracking = runs.prepare_resume(trial.resume, tracking, load=_load)
+            done = runs.train_run(job, tracking, listeners, resume=resume)
+        else:
+            job = runs.prepare_training(trial.config, uri=trial.tracking_uri, load=_load)
+            done = runs.train_run(job, tracking, listeners)
     except KeyboardInterrupt:
         return Outcome(trial, "KILLED", error="interrupted")
     except (UserError, Diverged) as exc:
@@ -101,12 +106,17 @@ def run_trial(trial: Trial) -> Outcome:
         detail = traceback.format_exc(limit=-1).strip().splitlines()[-1]
         return Outcome(trial, "FAILED", error=f"{type(exc).__name__}: {exc} ({detail})",
                        run_id=_run_of(trial))
+    from .loop import Pruned
+
     result = done.result
-    metrics = {"final/test_acc": result.test_acc, "final/test_loss": result.test_loss,
-               "final/train_seconds": result.seconds,
-               "final/images_per_second": result.images_per_second}
+    # Each metric's last value, as the run's stored metrics give it on --resume (val/acc, ...)
+    metrics = {key: points[-1][1] for key, points in result.history.items() if points}
+    metrics.update({"final/test_acc": result.test_acc, "final/test_loss": result.test_loss,
+                    "final/train_seconds": result.seconds,
+                    "final/images_per_second": result.images_per_second,
+                    **runs.best_metrics(job.plan, result)})
     curve = list(result.history.get("test/acc", []))
-    if result.stopped is not None:
+    if isinstance(result.stopped, Pruned):  # an early stop is a finished training
         return Outcome(trial, "PRUNED", done.run_id, metrics, curve, error=result.stopped.reason)
     return Outcome(trial, "FINISHED", done.run_id, metrics, curve)
 

@@ -21,13 +21,14 @@ sweep's process, which interrupts each busy worker once.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import multiprocessing
 import os
 import signal
 import socket
 import time
-from collections import deque
+from collections.abc import Iterable, Sized
 from multiprocessing.connection import wait
 from urllib.parse import urlparse
 
@@ -68,6 +69,8 @@ def lost(trial: Trial, status: str, error: str) -> Outcome:
 def serve(conn, env: dict[str, str]):
     """A worker: warm up once, then run each trial it is sent until it is sent None."""
     os.setpgrp()  # Ctrl-C reaches the sweep's process only; it interrupts the busy workers
+    # a sweep started in the background inherits SIGINT ignored: the sweep's interrupt must work
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     os.environ.update(env)
     try:
         from cifarx import registry, runs  # noqa: F401  torch, MLflow and the plugins, once
@@ -140,30 +143,33 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-def run_local(trials: list[Trial], on_outcome, workers: int = 1, threads: int = 0):
-    """Run the trials in ``workers`` processes; a dead worker fails its trial and is replaced."""
-    if not trials:
-        return
-    count = min(workers, len(trials))
-    todo = deque(with_threads(t, threads or max(1, (os.cpu_count() or 1) // count))
-                 for t in trials)
+def run_local(trials: Iterable[Trial], on_outcome, workers: int = 1, threads: int = 0):
+    """Run the trials in ``workers`` processes; a dead worker fails its trial and is replaced.
+
+    The next trial is taken only when a worker is free, after the outcome that freed it was
+    reported: a search chooses it knowing every result so far.
+    """
+    count = min(workers, len(trials)) if isinstance(trials, Sized) else workers
+    per_trial = threads or max(1, (os.cpu_count() or 1) // max(count, 1))
+    todo = (with_threads(t, per_trial) for t in trials)
     gpus = visible_gpus() if count > 1 else []  # with several GPUs, one per worker in turn
-    envs = [{"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} if gpus else {} for i in range(count)]
     context = multiprocessing.get_context("spawn")
-    pool = [Worker(context, env) for env in envs]
+    pool: list[Worker] = []
     try:
-        for worker in pool:
-            worker.give(todo.popleft())
+        for i, trial in zip(range(count), todo):  # a worker only for a trial there is
+            pool.append(Worker(context, {"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]}
+                               if gpus else {}))
+            pool[-1].give(trial)
         while busy := [w for w in pool if w.trial]:
             ready = wait([w.conn for w in busy] + [w.process.sentinel for w in busy])
             for worker in (w for w in busy if w.ready(ready)):
-                outcome = worker.outcome()
-                if todo:
+                on_outcome(worker.outcome())
+                trial = next(todo, None)
+                if trial is not None:
                     if not worker.process.is_alive():  # it died: a new one takes its place
                         worker.conn.close()
                         pool[pool.index(worker)] = worker = Worker(context, worker.env)
-                    worker.give(todo.popleft())
-                on_outcome(outcome)
+                    worker.give(trial)
     except KeyboardInterrupt:
         interrupt(pool, on_outcome)
         raise
@@ -298,13 +304,23 @@ def ray_outcome(ray, ref, trial: Trial) -> Outcome:
                                      f"{str(exc).strip().splitlines()[0]}")
 
 
+def ray_slots(resources: dict, trial_cpus: float, trial_gpus: float) -> int:
+    """Trials a Ray cluster with ``resources`` runs at once."""
+    slots = resources.get("CPU", 0) // trial_cpus
+    if trial_gpus > 0:
+        slots = min(slots, resources.get("GPU", 0) // trial_gpus)
+    return max(1, int(slots))
+
+
 def run_ray(trials: list[Trial], on_outcome, address: str = "", trial_cpus: float = 1.0,
             trial_gpus: float = 0.0):
     """One Ray task per trial. Without an address (nor ``$RAY_ADDRESS``), a local Ray on all
     this machine's cores, stopped at the end; a Ray the process already started is used as it
     is."""
     ray = import_ray()
-    if not trials:
+    todo = iter(trials)
+    first = next(todo, None)
+    if first is None:
         return
     given = address or os.environ.get("RAY_ADDRESS", "")
     connect = not ray.is_initialized()
@@ -319,13 +335,23 @@ def run_ray(trials: list[Trial], on_outcome, address: str = "", trial_cpus: floa
     pending = {}
     try:
         task = ray.remote(num_cpus=trial_cpus, num_gpus=trial_gpus, max_retries=0)(run_trial)
-        for trial in trials:
+        # as many tasks as the cluster runs at once, the next one when one ends: a search
+        # asks for each trial knowing every result so far
+        slots = ray_slots(ray.cluster_resources(), trial_cpus, trial_gpus)
+
+        def submit(trial: Trial):
             trial = with_threads(trial, max(1, int(trial_cpus)))
             pending[task.remote(trial)] = trial
+
+        submit(first)
+        for trial in itertools.islice(todo, slots - 1):
+            submit(trial)
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
                 on_outcome(ray_outcome(ray, ref, pending.pop(ref)))
+                if (trial := next(todo, None)) is not None:
+                    submit(trial)
     except KeyboardInterrupt:
         for ref in pending:
             ray.cancel(ref)  # a KeyboardInterrupt in the task: run_trial ends its run KILLED

@@ -88,14 +88,15 @@ def test_a_broken_plugin_is_one_warning_and_the_cli_keeps_working(register_plugi
 
 @pytest.mark.parametrize("args, fragments", [
     (["--arch", "resnet9000"], ["unknown architecture 'resnet9000'", "available: ", "table1"]),
-    (["--aug", "flip,spin"], ["unknown augmentation 'spin'", "crop, flip, normalize, raw"]),
+    (["--aug", "flip,spin"], ["unknown augmentation 'spin'", "crop, cutmix, erasing, flip"]),
     (["--aug", "raw,normalize"], ["normalizations", "choose one"]),
     (["--optimizer", "lbfgs"], ["unknown optimizer 'lbfgs'", "sgd, nesterov, adam"]),
     (["--schedule", "sometimes"], ["unknown schedule 'sometimes'", "cosine"]),
     (["--precision", "fp16"], ["unknown precision 'fp16'", "auto, fp32, bf16"]),
     (["--train-split", "batch7"], ["--train-split 'batch7'", "batch1, all"]),
     (["--device", "tpu"], ["unknown device 'tpu'", "auto, cpu, cuda"]),
-    (["--lr", "-1"], ["--lr must be positive"]),
+    (["--lr", "-1"], ["--lr must be a positive finite number"]),
+    (["--lr", "inf"], ["--lr must be a positive finite number, got inf"]),
     (["--iters", "0"], ["--iters must be at least 1"]),
     (["--batch-size", "100000"], ["--batch-size 100000 is larger than the 200 training images"]),
     (["--probe", "nope"], ["unknown probe 'nope'"]),
@@ -147,7 +148,7 @@ def test_train_then_evaluate_through_the_cli(data_dir, in_tmp):
     assert evaluation.data.metrics["test/acc"] == pytest.approx(run.data.metrics["final/test_acc"])
     assert "test/acc/airplane" in evaluation.data.metrics
     figures = [a.path for a in client.list_artifacts(evaluation.info.run_id, "figures")]
-    assert figures == ["figures/confusion_matrix.png"]
+    assert figures == ["figures/confusion-matrix.png"]
 
 
 def test_evaluate_bad_model_is_one_line(data_dir, in_tmp, tmp_path):

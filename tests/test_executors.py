@@ -108,10 +108,10 @@ def test_ctrl_c_ends_the_running_trials_killed_and_propagates(make_trials):
     def heard(outcome):
         outcomes.append(outcome)
         if len(outcomes) == 1:
-            raise KeyboardInterrupt  # as Ctrl-C would, while trial 1 runs
+            raise KeyboardInterrupt  # as Ctrl-C would, while the other worker's trial runs
 
     with pytest.raises(KeyboardInterrupt):
-        executor("local").run(trials, heard, workers=1)
+        executor("local").run(trials, heard, workers=2)
     assert [(o.trial.number, o.status) for o in outcomes] == [(0, "FINISHED"), (1, "KILLED")]
     assert not multiprocessing.active_children()
     statuses = {r.info.status for r in children(trials[0]).values()}
@@ -159,3 +159,19 @@ def test_ray_runs_trials_on_a_local_ray(make_trials, monkeypatch):
     runs = children(trials[0])
     assert {r.data.tags[EXECUTOR_TAG] for r in runs.values()} == {"ray"}
     assert runs[trials[1].key].data.params["threads"] == "1"  # from trial_cpus
+
+
+def test_the_local_executor_takes_a_trial_only_when_a_worker_is_free(make_trials):
+    """A search asks for each trial when it is taken: it must know the results so far."""
+    trials = make_trials("local", {}, {}, {})
+    events = []
+
+    def lazily():
+        for trial in trials:
+            events.append(("taken", trial.number))
+            yield trial
+
+    executor("local").run(lazily(), lambda o: events.append(("ended", o.trial.number)),
+                          workers=1)
+    assert events == [("taken", 0), ("ended", 0), ("taken", 1), ("ended", 1), ("taken", 2),
+                      ("ended", 2)]

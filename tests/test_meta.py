@@ -50,7 +50,7 @@ def test_readme_plugin_examples_run(register_plugin, tmp_path):
     from cifarx.registry import registry
 
     modules = readme_plugins()
-    assert len(modules) == 7
+    assert len(modules) == 8
     for i, module in enumerate(modules):
         register_plugin(module, f"readme-{i}")
     cat = registry().catalog()
@@ -59,8 +59,13 @@ def test_readme_plugin_examples_run(register_plugin, tmp_path):
     x = torch.rand(4, 3, 32, 32)
     assert cat.get("architecture", "mlp").build()(x).shape == (4, 10)
     assert cat.get("architecture", "mlp:wide").build()(x).shape == (4, 10)
-    noisy = cat.get("augmentation", "noise").apply(x, torch.Generator().manual_seed(0), sigma=0.03)
-    assert noisy.shape == x.shape and 0 <= noisy.min() and noisy.max() <= 1 and not torch.equal(noisy, x)
+    inverted = cat.get("augmentation", "invert").apply(x, torch.Generator().manual_seed(0), p=1.0)
+    assert torch.allclose(inverted, 1 - x)
+    targets = torch.eye(10)[torch.arange(4)]
+    mixed, soft = cat.get("augmentation", "blend").apply(x, targets,
+                                                         torch.Generator().manual_seed(0),
+                                                         weight=0.2)
+    assert mixed.shape == x.shape and torch.allclose(soft.sum(1), torch.ones(4))
 
     np.savez(tmp_path / "images.npz", x_train=np.zeros((6, 3, 8, 8), np.uint8),
              y_train=np.arange(6) % 2, x_test=np.zeros((2, 3, 8, 8), np.uint8),
@@ -98,6 +103,19 @@ def test_readme_plugin_examples_run(register_plugin, tmp_path):
     with pytest.raises(OptionError, match="max_trials"):
         inline.check(["a", "b", "c"], max_trials=2)
 
+    from cifarx import AnalysisData
+
+    occlusion = cat.get("analysis", "occlusion")
+    model = cat.get("architecture", "mlp").build().eval()
+    data = AnalysisData(images=x, labels=torch.arange(4), indices=torch.arange(4),
+                        classes=tuple("abcdefghij"), test_images=(x * 255).byte(),
+                        test_labels=torch.arange(4))
+    found = occlusion.analyze(model, data, window=8)
+    assert found.files["attributions/occlusion.pt"]["maps"].shape == (4, 32, 32)
+    assert found.figure is not None and "analysis/occlusion/max_drop" in found.metrics
+    with pytest.raises(OptionError, match="window"):
+        occlusion.check(model, data, window=40)
+
 
 # --- one declaration of the train options -------------------------------------------------
 
@@ -113,7 +131,8 @@ def cli_options(command_name: str) -> dict:
 
 
 # CLI flags that are not training options: where the run is logged, and a shorthand.
-CLI_ONLY = {"experiment", "run_name", "tracking_uri", "pretrained"}
+CLI_ONLY = {"experiment", "run_name", "tracking_uri", "pretrained", "description", "tag",
+            "system_metrics", "register_model", "resume", "analyze", "analysis_opt"}
 # TrainConfig field -> the CLI's name for it, where they differ.
 CLI_NAME = {"probes": "probe", "arch_options": "arch_opt", "aug_options": "aug_opt",
             "probe_options": "probe_opt", "dataset_options": "dataset_opt",
@@ -160,6 +179,7 @@ def test_mlproject_declares_cli_options_with_their_defaults():
 # --- start-up -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["attack", "--help"],
+                                  ["analyze", "--help"],
                                   ["sweep", "--help"]])
 def test_help_imports_no_torch_mlflow_or_matplotlib(args):
     import subprocess

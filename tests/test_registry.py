@@ -1,9 +1,11 @@
+import types
+
 import pytest
 import torch
 from torch import nn
 
-from cifarx import (Architecture, Attack, AttackResult, Augmentation, Dataset, Family, ImageData,
-                    Probe, UserError, hookimpl)
+from cifarx import (Analysis, Architecture, Attack, AttackResult, Augmentation, Dataset, Family,
+                    Findings, ImageData, Probe, UserError, hookimpl)
 from cifarx.plugin_types import Executor
 from cifarx.registry import Registry, registry
 
@@ -175,6 +177,11 @@ class EveryKind:
                 on_outcome(run_trial(trial))
         register(Executor(name="test-executor", run=run, summary="every trial in this process"))
 
+    @hookimpl
+    def register_analyses(self, register):
+        register(Analysis(name="test-analysis", analyze=lambda model, data: Findings(
+            metrics={"analysis/images": len(data.labels)}, summary="counted")))
+
 
 def test_every_kind_registers_and_is_looked_up(register_plugin):
     register_plugin(EveryKind(), "every-kind")
@@ -186,6 +193,9 @@ def test_every_kind_registers_and_is_looked_up(register_plugin):
     x = torch.arange(4.0).reshape(1, 1, 1, 4)
     flipped = cat.get("attack", "test-attack").build(None)(x, None, None).images
     assert flipped.flatten().tolist() == [3, 2, 1, 0]
+    data = types.SimpleNamespace(labels=torch.zeros(3))
+    assert cat.get("analysis", "test-analysis").analyze(None, data).metrics == {
+        "analysis/images": 3}
     assert {e.package for e in cat.entries if e.name.startswith("test-")} == {"every-kind"}
 
 
@@ -245,8 +255,9 @@ def test_a_misspelled_hook_is_one_problem_naming_the_package_and_the_valid_hooks
     assert "\n" not in typo
     assert "unknown hooks 'register_architecture' (did you mean 'register_architectures'?)" in typo
     assert "'setup_everything'" in typo
-    assert ("the hooks are register_architectures, register_attacks, register_augmentations, "
-            "register_datasets, register_executors, register_probes") in typo
+    assert ("the hooks are register_analyses, register_architectures, register_attacks, "
+            "register_augmentations, register_datasets, register_executors, "
+            "register_probes") in typo
     # one bad package does not hide another
     assert any("cifarx-typo-two" in p and "'register_probe' (did you mean 'register_probes'?)" in p
                for p in cat.problems)

@@ -36,7 +36,9 @@ def swept(data_dir, tmp_path_factory):
     """One sweep: lr 0.05 and 0.1 with 2 seeds, plus lr 1e12, which diverges."""
     uri = f"sqlite:///{tmp_path_factory.mktemp('sweep')}/mlflow.db"
     result = cli("sweep", *tiny(data_dir), "--grid", "lr=0.05,0.1,1e12", "--seeds", "2",
-                 "--workers", "2", "--tracking-uri", uri, "--experiment", "sweep")
+                 "--workers", "2", "--tracking-uri", uri, "--experiment", "sweep",
+                 "--register-model", "sweep-best", "--description", "tiny lr study",
+                 "--tag", "owner=tests")
     return uri, result
 
 
@@ -55,6 +57,29 @@ def test_trials_are_complete_child_runs_of_the_sweep(swept):
     assert parent.data.params["axis.lr"] == "0.05,0.1,1e12"  # as written
     artifacts = {a.path for a in MlflowClient(uri).list_artifacts(parent.info.run_id)}
     assert {"sweep.json", "sweep.csv", "study.json", "figures"} <= artifacts
+
+
+def test_the_best_trial_is_registered_and_the_sweep_described(swept):
+    uri, result = swept
+    client = MlflowClient(uri)
+    (parent,) = [r for r in runs_of(uri, "sweep") if r.data.tags.get("cifarx.sweep") == "true"]
+    assert parent.data.tags["mlflow.note.content"] == "tiny lr study"
+    assert parent.data.tags["owner"] == "tests"
+    version = client.get_model_version("sweep-best", "1")
+    assert parent.data.tags["cifarx.registered_model"] == "sweep-best/1"
+    with open(client.download_artifacts(parent.info.run_id, "sweep.json",
+                                        tempfile.mkdtemp())) as f:
+        summary = json.load(f)
+    best = summary["ranked"][0]["config"]
+    trial = client.get_run(version.run_id)
+    best_seeds = [r for r in runs_of(uri, "sweep")
+                  if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+                  and r.info.status == "FINISHED"
+                  and r.data.params["lr"] == trial.data.params["lr"]]
+    assert trial.data.metrics["final/test_acc"] == max(
+        r.data.metrics["final/test_acc"] for r in best_seeds)
+    rows = {c["config"]: c for c in summary["configurations"]}
+    assert float(rows[best]["lr"]) == float(trial.data.params["lr"])
 
 
 def test_a_diverging_trial_fails_alone_and_is_reported(swept):
@@ -145,3 +170,38 @@ def test_bad_study_files_and_resume_targets_are_one_line(tmp_path, tracking_uri)
     plain = client.create_run(experiment).info.run_id
     result = cli("sweep", "--resume", plain, "--tracking-uri", tracking_uri)
     assert result.exit_code == 2 and "is not a sweep" in result.stderr
+
+
+def test_a_resumed_sweep_continues_an_interrupted_trial_from_its_checkpoint(data_dir, tmp_path):
+    import time
+
+    from cifarx.runs import CHECKPOINT
+    from cifarx.studies import from_dict
+    from cifarx.sweep import plan_sweep, sweep_run
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    study = from_dict({"experiment": "ckpt-sweep", "seeds": 1, "train": {
+        "batch-size": 10, "eval-every": 50, "device": "cpu", "threads": 1,
+        "data-dir": str(data_dir), "checkpoint-every": 5}, "grid": {"iters": [4, 2000]}})
+    sweep = plan_sweep(study, "local", ["workers=2"], uri=uri)
+    client = MlflowClient(uri)
+
+    def long_trial_checkpointed(outcome, done, total):
+        deadline = time.time() + 120  # the short trial ended: wait for the long one's checkpoint
+        while time.time() < deadline:
+            for run in runs_of(uri, "ckpt-sweep"):
+                if run.data.params.get("iters") == "2000" and CHECKPOINT in {
+                        a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}:
+                    raise KeyboardInterrupt  # Ctrl-C
+            time.sleep(0.5)
+
+    with pytest.raises(KeyboardInterrupt):
+        sweep_run(sweep, on_outcome=long_trial_checkpointed)
+    (killed,) = [r for r in runs_of(uri, "ckpt-sweep") if r.info.status == "KILLED"
+                 and r.data.params.get("iters") == "2000"]
+    (parent,) = [r for r in runs_of(uri, "ckpt-sweep") if r.data.tags.get("cifarx.sweep")]
+    done = sweep_run(sweep, resume=parent.info.run_id)
+    assert [o.run_id for o in done.outcomes] == [killed.info.run_id]  # the same run, continued
+    run = client.get_run(killed.info.run_id)
+    assert run.info.status == "FINISHED" and "final/test_acc" in run.data.metrics
+    assert len(runs_of(uri, "ckpt-sweep")) == 3  # the sweep and its two trials, no new one
