@@ -44,6 +44,7 @@ def download(url: str, dest: Path, md5: str, timeout: float = 30.0) -> Path:
     Raises ``OSError`` when the network fails, so the caller can say how to get the files
     another way; raises UserError when what arrived is not the expected file.
     """
+    created = [p for p in (dest.parent, *dest.parent.parents) if not p.exists()]
     dest.parent.mkdir(parents=True, exist_ok=True)
     partial = dest.with_name(dest.name + ".part")
     try:
@@ -52,6 +53,11 @@ def download(url: str, dest: Path, md5: str, timeout: float = 30.0) -> Path:
             shutil.copyfileobj(response, out, length=1 << 20)
     except (urllib.error.URLError, OSError):
         partial.unlink(missing_ok=True)
+        for folder in created:  # a mistyped --data-dir leaves no folders behind
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         raise
     got = md5sum(partial)
     if got != md5:

@@ -98,6 +98,7 @@ def test_offline_says_where_it_looked_and_how_to_provide_the_files(tmp_path, mon
     message = str(caught.value)
     assert str(tmp_path / "empty" / "cifar-10-batches-py") in message
     assert "--data-dir" in message and "CIFARX_DATA_DIR" in message and "\n" not in message
+    assert not (tmp_path / "empty").exists()  # a mistyped --data-dir leaves no folder behind
 
 
 def test_data_dir_option_then_environment_then_cache(monkeypatch, tmp_path):
