@@ -306,7 +306,8 @@ def train(
                                  flag="--analyze")
     tracking = _tracking(tracking_uri, experiment, run_name, description, tag, system_metrics,
                          register_model)
-    job = runs.prepare_training(config, found, tracking_uri)
+    with err.status(f"loading {dataset} and building {arch} ..."):  # seconds, not silence
+        job = runs.prepare_training(config, found, tracking_uri)
     for warning in job.warnings():
         err.print(f"cifarx: warning: {warning}", highlight=False, soft_wrap=True)
     cfg = job.plan.config

@@ -9,6 +9,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Column
 
 out = Console()
 err = Console(stderr=True)
@@ -19,11 +20,20 @@ class TrainingProgress:
 
     def __init__(self, iters: int, batch_size: int, label: str):
         self.batch_size = batch_size
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}  train {task.fields[train]}  "
-                       "test {task.fields[test]}  {task.fields[speed]} img/s"),
-            TimeRemainingColumn(), console=err)
+        # Most important first, as a narrow terminal cuts the line from the right; below 110
+        # columns the label (printed again with the result) is left out.
+        count = len(f"{iters}/{iters}")
+        columns = [
+            BarColumn(bar_width=12 if err.width < 110 else 24),
+            MofNCompleteColumn(table_column=Column(min_width=count, no_wrap=True)),
+            TimeRemainingColumn(table_column=Column(min_width=7, no_wrap=True)),
+            TextColumn("loss {task.fields[loss]} train {task.fields[train]} "
+                       "test {task.fields[test]} {task.fields[speed]} img/s",
+                       table_column=Column(no_wrap=True))]
+        if err.width >= 110:
+            columns.append(TextColumn("[bold]{task.description}",
+                                      table_column=Column(no_wrap=True, overflow="ellipsis")))
+        self.progress = Progress(*columns, console=err)
         self.task = self.progress.add_task(label, total=iters, loss="-", train="-", test="-",
                                            speed="-")
         self.started = time.perf_counter()

@@ -156,3 +156,22 @@ def test_evaluate_bad_model_is_one_line(data_dir, in_tmp, tmp_path):
                        "--data-dir", data_dir), "no run", "set --tracking-uri")
     one_line_error(cli("evaluate", "--model", tmp_path, "--data-dir", data_dir),
                    "no MLflow model there")
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_the_progress_line_keeps_bar_count_and_speed_at_80_columns(width, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from cifarx import console
+
+    monkeypatch.setattr(console, "err", Console(file=io.StringIO(), width=width))
+    shown = console.TrainingProgress(2000, 100, "table1 (flip,normalize,crop)")
+    shown.progress.update(shown.task, completed=600, loss="1.631", train="43.0%",
+                          test="41.33%", speed="394")
+    out = io.StringIO()
+    Console(file=out, width=width).print(shown.progress.make_tasks_table(shown.progress.tasks))
+    line = out.getvalue().rstrip("\n")
+    assert "━" in line and "600/2000" in line and "394 img/s" in line and "…" not in line
+    assert len(line) <= width
