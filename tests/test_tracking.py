@@ -259,7 +259,9 @@ def test_the_logged_model_carries_signature_example_metrics_and_registration(
 
 def test_a_training_run_describes_itself_and_samples_system_metrics(data_dir, tracking_uri,
                                                                     in_tmp, monkeypatch):
-    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
+    # a sample every 50 ms: the run (data, training, figures, model) lasts far longer on any
+    # machine, whereas CI once finished it inside a 1 s interval and logged no sample
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.05")
     done = train_run(quick(data_dir, iters=40, eval_every=40),
                      Tracking(tracking_uri, "tests", "system"))
     run = MlflowClient(tracking_uri).get_run(done.run_id)
