@@ -808,7 +808,12 @@ def sweep(
         err.print(f"[{done}/{total}] {trial_name(trial.axes, trial.config.seed)}: {what}",
                   soft_wrap=True, highlight=False)
 
-    done = sweep_run(sweep, resume, heard, register_model, description, tags)
+    def opened(run_id, to_run, earlier):  # a sweep runs for hours: say at once what it does
+        again = f" ({earlier} finished earlier)" if earlier else ""
+        err.print(f"sweep run {run_id}: {to_run} trials to run on {name}{again}",
+                  highlight=False, soft_wrap=True)
+
+    done = sweep_run(sweep, resume, heard, register_model, description, tags, opened)
     if done.reused:
         out.print(f"{done.reused} trial(s) finished earlier were not run again", highlight=False)
     if done.ranked:

@@ -281,13 +281,16 @@ def resumable_children(uri: str, parent: str) -> dict[str, str]:
 def sweep_run(sweep: SweepPlan, resume: str | None = None,
               on_outcome: Callable[[Outcome, int, int], None] | None = None,
               register: str | None = None, description: str | None = None,
-              user_tags: Mapping[str, str] | None = None) -> SweepResult:
+              user_tags: Mapping[str, str] | None = None,
+              on_start: Callable[[str, int, int], None] | None = None) -> SweepResult:
     """Run the sweep's missing trials under one parent run and log the summary.
 
     ``resume``: the sweep's run id (else an earlier sweep of the same trials in the experiment,
     if any, is continued). ``on_outcome(outcome, done, total)`` hears each trial as it ends.
     ``register``: add the best trial's model (the best configuration's best seed) to the
     Model Registry under this name. ``description`` and ``user_tags`` go on the sweep's run.
+    ``on_start(run_id, to_run, finished_earlier)`` hears the sweep open (a search: to_run is
+    its total).
     """
     study, uri = sweep.study, sweep.uri
     quiet_mlflow()
@@ -323,6 +326,8 @@ def sweep_run(sweep: SweepPlan, resume: str | None = None,
         todo = [replace(t, parent=run.id, resume=interrupted.get(t.key))
                 for t in sweep.trials if t.key not in earlier]
         outcomes: list[Outcome] = []
+        if on_start is not None:
+            on_start(run.id, total if sweep.search else len(todo), len(earlier))
 
         def heard(outcome: Outcome):
             outcomes.append(outcome)

@@ -123,6 +123,8 @@ def test_resume_runs_exactly_the_missing_and_failed_trials(swept, data_dir):
     result = cli("sweep", "--resume", parent.info.run_id, "--tracking-uri", uri)
     assert result.exit_code == 0, result.output
     assert "4 trial(s) finished earlier were not run again" in result.output
+    assert (f"sweep run {parent.info.run_id}: 2 trials to run on local (4 finished earlier)"
+            in result.output)
     after = runs_of(uri, "sweep")
     new = [r for r in after if r.info.run_id not in {b.info.run_id for b in before}]
     assert len(new) == 2 and all(r.data.params["lr"] == "1000000000000.0" for r in new)
