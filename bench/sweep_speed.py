@@ -5,7 +5,8 @@ as sweeps into a fresh store: with the local executor and 1 worker, with 2 worke
 Ray is installed) with the ray executor on a local Ray of 2 CPUs. Prints the wall times, the
 ratio 1 worker / 2 workers, and the fixed cost of a trial: the sweep's wall time less the
 trials' training loops (iterations and evaluations), per trial, with 1 worker (process start
-amortized, data load, run creation, model logging).
+amortized, data load, run creation, model logging), and the bound that thread scaling puts on
+the 2-worker speed-up (2 x a trial's loop with all threads / its loop with half).
 
     python bench/sweep_speed.py --data-dir DIR [--trials 8] [--iters 300] [--skip-ray]
 """
@@ -58,6 +59,13 @@ def main():
                   f"(training loops {sum(train):.1f} s in all)", flush=True)
     one, two = results["local, 1 worker"][0], results["local, 2 workers"][0]
     print(f"2 workers against 1: {one / two:.2f}x faster")
+    # One worker trains with every thread, two with half each: two workers can gain at most
+    # what a trial loses by having half the threads.
+    loop_all = sum(results["local, 1 worker"][1]) / args.trials
+    loop_half = sum(results["local, 2 workers"][1]) / args.trials
+    print(f"training loop of a trial: {loop_all:.1f} s with all threads (1 worker), "
+          f"{loop_half:.1f} s with half (2 workers): at most {2 * loop_all / loop_half:.2f}x "
+          f"from 2 workers")
     wall, train = results["local, 1 worker"]
     fixed = (wall - sum(train)) / args.trials
     share = fixed / (fixed + sum(train) / args.trials)
