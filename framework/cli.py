@@ -763,7 +763,7 @@ def sweep(
     """Run a study: every configuration with several seeds, in parallel, as child runs of one
     sweep run, with statistics over the seeds."""
     from . import studies
-    from .console import err, out, sweep_table
+    from .console import err, out, print_whole, sweep_table
     from .sweep import load_resumed, plan_sweep, sweep_run, trial_name
     from .tracking import tracking_uri as resolve_uri
 
@@ -817,7 +817,7 @@ def sweep(
     if done.reused:
         out.print(f"{done.reused} trial(s) finished earlier were not run again", highlight=False)
     if done.ranked:
-        out.print(sweep_table(done.ranked, studies.axes_of(study), study.metric))
+        print_whole(sweep_table(done.ranked, studies.axes_of(study), study.metric))
     out.print(done.verdict, highlight=False, soft_wrap=True)
     for outcome in done.failed:
         out.print(f"[red]trial {outcome.trial.number} "

@@ -142,6 +142,22 @@ def transfer_table(sources: list[dict], targets: list[dict], cells: list[dict]):
 
 # --- the commands ---------------------------------------------------------------------------
 
+def print_whole(table) -> None:
+    """Print a table on stdout; into a file or pipe (no terminal to fit, rich assumes 80
+    columns) at its natural width, so that a sweep's log keeps every value whole."""
+    from rich.measure import Measurement
+
+    if out.is_terminal:
+        out.print(table)
+        return
+    width, out.width = out.width, Measurement.get(
+        out, out.options.update(max_width=10_000), table).maximum
+    try:
+        out.print(table)
+    finally:
+        out.width = width
+
+
 def sweep_table(ranked: list[dict[str, Any]], axes: list[str], metric: str):
     """The configurations best first: the metric over seeds, and whether each is
     distinguishable from the best."""
@@ -150,17 +166,20 @@ def sweep_table(ranked: list[dict[str, Any]], axes: list[str], metric: str):
     pct = metric.endswith("acc")
     fmt = (lambda v: "-" if math.isnan(v) else f"{v:.2%}") if pct else \
         (lambda v: "-" if math.isnan(v) else f"{v:.4g}")  # noqa: E731
-    table = Table("#", "n", f"{metric} mean", "std", "95% interval", "p vs best",
-                  "same as best", title=f"configurations by {metric}")
-    for i, axis in enumerate(axes):  # axis values in full: they say which configuration it is
-        table.columns.insert(1 + i, Column(axis, overflow="fold"))
+    rows = []
     for row in ranked:
         same = row["same_as_best"]
-        table.add_row(str(row["rank"]), *(str(row.get(a, "")) for a in axes),
-                      str(row[f"{metric}_n"]), fmt(row[f"{metric}_mean"]),
-                      fmt(row[f"{metric}_std"]),
-                      f"{fmt(row[f'{metric}_ci_low'])} to {fmt(row[f'{metric}_ci_high'])}",
-                      "-" if math.isnan(row["p_vs_best"]) else f"{row['p_vs_best']:.3f}",
-                      "best" if row["rank"] == 1 else "?" if same is None else
-                      ("yes" if same else "[red]no[/]"))
+        rows.append([str(row["rank"]), *(str(row.get(a, "")) for a in axes),
+                     str(row[f"{metric}_n"]), fmt(row[f"{metric}_mean"]),
+                     fmt(row[f"{metric}_std"]),
+                     f"{fmt(row[f'{metric}_ci_low'])} to {fmt(row[f'{metric}_ci_high'])}",
+                     "-" if math.isnan(row["p_vs_best"]) else f"{row['p_vs_best']:.3f}",
+                     "best" if row["rank"] == 1 else "?" if same is None else
+                     ("yes" if same else "[red]no[/]")])
+    # In a narrow terminal every cell folds rather than end in "…": each value stays whole.
+    headers = ["#", *axes, "n", "mean", "std", "95% interval", "p vs best", "same as best"]
+    table = Table(*(Column(h, overflow="fold") for h in headers),
+                  title=f"configurations by {metric}")
+    for cells in rows:
+        table.add_row(*cells)
     return table

@@ -254,3 +254,27 @@ def test_sweep_curves_figure():
         assert len(highlighted) == 3
     finally:
         plt.close(fig)
+
+
+def test_the_ranked_table_keeps_every_value_whole_in_a_log_and_a_narrow_terminal(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from cifarx import console
+
+    long_axes = {key: {"weight-decay": 0.0005, "optimizer": f"nesterov-{key}" * 3}
+                 for key in ACC}
+    ranked = stats.rank(stats.summarize(trials(axes=long_axes), ["test/acc"]), "test/acc")
+    table = console.sweep_table(ranked, ["optimizer", "weight-decay"], "test/acc")
+    log = io.StringIO()  # a file: rich would assume 80 columns and cut cells to "8…"
+    monkeypatch.setattr(console, "out", Console(file=log, width=80))
+    console.print_whole(table)
+    lines = log.getvalue().splitlines()
+    assert max(map(len, lines)) > 80
+    assert any("nesterov-a" * 3 in line and "82.00%" in line for line in lines)
+    assert "…" not in log.getvalue()
+    narrow = io.StringIO()  # a terminal of 60 columns: values fold, none is cut
+    Console(file=narrow, width=60, force_terminal=True, color_system=None).print(table)
+    assert "…" not in narrow.getvalue()
+    assert max(map(len, narrow.getvalue().splitlines())) <= 60
