@@ -163,13 +163,15 @@ def sweep_table(ranked: list[dict[str, Any]], axes: list[str], metric: str):
     distinguishable from the best."""
     from rich.table import Column, Table
 
+    from .options import show
+
     pct = metric.endswith("acc")
     fmt = (lambda v: "-" if math.isnan(v) else f"{v:.2%}") if pct else \
         (lambda v: "-" if math.isnan(v) else f"{v:.4g}")  # noqa: E731
     rows = []
     for row in ranked:
         same = row["same_as_best"]
-        rows.append([str(row["rank"]), *(str(row.get(a, "")) for a in axes),
+        rows.append([str(row["rank"]), *(show(row.get(a)) for a in axes),
                      str(row[f"{metric}_n"]), fmt(row[f"{metric}_mean"]),
                      fmt(row[f"{metric}_std"]),
                      f"{fmt(row[f'{metric}_ci_low'])} to {fmt(row[f'{metric}_ci_high'])}",

@@ -255,13 +255,15 @@ def _columns(summary: list[Mapping[str, Any]]) -> list[str]:
 def to_csv(summary: list[Mapping[str, Any]], path) -> None:
     """One row per configuration: ``config``, one column per axis, then per metric its n, mean,
     std, ci_low, ci_high (and rank, p_vs_best, same_as_best when given rank()'s rows). Values
-    unrounded (Python's shortest repr); NaN as ``nan``, None as empty; private keys dropped."""
+    unrounded (Python's shortest repr); booleans as ``true``/``false`` (as a study writes
+    them); NaN as ``nan``, None as empty; private keys dropped."""
     columns = _columns(summary)
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for row in summary:
-            writer.writerow(_public(row))
+            writer.writerow({k: str(v).lower() if isinstance(v, bool) else v
+                             for k, v in _public(row).items()})
 
 
 def _plain(value: Any) -> Any:

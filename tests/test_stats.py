@@ -278,3 +278,20 @@ def test_the_ranked_table_keeps_every_value_whole_in_a_log_and_a_narrow_terminal
     Console(file=narrow, width=60, force_terminal=True, color_system=None).print(table)
     assert "…" not in narrow.getvalue()
     assert max(map(len, narrow.getvalue().splitlines())) <= 60
+
+
+def test_boolean_axes_read_as_the_study_writes_them(tmp_path):
+    from rich.console import Console
+
+    from cifarx import console
+
+    axes = {"a": {"batchnorm": True}, "b": {"batchnorm": False}, "c": {"batchnorm": False}}
+    ranked = stats.rank(stats.summarize(trials(axes=axes), ["test/acc"]), "test/acc")
+    stats.to_csv(ranked, tmp_path / "sweep.csv")
+    with open(tmp_path / "sweep.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["batchnorm"] for r in rows] == ["true", "false", "false"]
+    assert rows[0]["same_as_best"] == "true"
+    printed = Console(width=200, color_system=None, record=True)
+    printed.print(console.sweep_table(ranked, ["batchnorm"], "test/acc"))
+    assert "│ true " in printed.export_text() and "True" not in printed.export_text()
