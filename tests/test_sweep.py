@@ -51,7 +51,9 @@ def test_trials_are_complete_child_runs_of_the_sweep(swept):
     assert len(children) == 6
     assert {r.data.tags["cifarx.executor"] for r in [parent, *children]} == {"local"}
     finished = [r for r in children if r.info.status == "FINISHED"]
-    assert len(finished) == 4 and all("final/test_acc" in r.data.metrics for r in finished)
+    # the sweep's console names each failed trial's error: shown if one fails unexpectedly
+    assert len(finished) == 4, result.output
+    assert all("final/test_acc" in r.data.metrics for r in finished)
     assert sorted(r.data.params["lr"] for r in finished) == ["0.05", "0.05", "0.1", "0.1"]
     assert parent.info.status == "FINISHED"
     assert parent.data.params["axis.lr"] == "0.05,0.1,1e12"  # as written
