@@ -168,20 +168,17 @@ def sweep_table(ranked: list[dict[str, Any]], axes: list[str], metric: str):
     pct = metric.endswith("acc")
     fmt = (lambda v: "-" if math.isnan(v) else f"{v:.2%}") if pct else \
         (lambda v: "-" if math.isnan(v) else f"{v:.4g}")  # noqa: E731
-    rows = []
-    for row in ranked:
-        same = row["same_as_best"]
-        rows.append([str(row["rank"]), *(show(row.get(a)) for a in axes),
-                     str(row[f"{metric}_n"]), fmt(row[f"{metric}_mean"]),
-                     fmt(row[f"{metric}_std"]),
-                     f"{fmt(row[f'{metric}_ci_low'])} to {fmt(row[f'{metric}_ci_high'])}",
-                     "-" if math.isnan(row["p_vs_best"]) else f"{row['p_vs_best']:.3f}",
-                     "best" if row["rank"] == 1 else "?" if same is None else
-                     ("yes" if same else "[red]no[/]")])
     # In a narrow terminal every cell folds rather than end in "…": each value stays whole.
     headers = ["#", *axes, "n", "mean", "std", "95% interval", "p vs best", "same as best"]
     table = Table(*(Column(h, overflow="fold") for h in headers),
                   title=f"configurations by {metric}")
-    for cells in rows:
-        table.add_row(*cells)
+    for row in ranked:
+        same = row["same_as_best"]
+        table.add_row(str(row["rank"]), *(show(row.get(a)) for a in axes),
+                      str(row[f"{metric}_n"]), fmt(row[f"{metric}_mean"]),
+                      fmt(row[f"{metric}_std"]),
+                      f"{fmt(row[f'{metric}_ci_low'])} to {fmt(row[f'{metric}_ci_high'])}",
+                      "-" if math.isnan(row["p_vs_best"]) else f"{row['p_vs_best']:.3f}",
+                      "best" if row["rank"] == 1 else "?" if same is None else
+                      ("yes" if same else "[red]no[/]"))
     return table
