@@ -867,5 +867,8 @@ def sync(
                         "their spools are kept: run `cifarx sync` again")
 
 
+from . import cli_report  # noqa: E402,F401  (registers `cifarx report`)
+
+
 def main():
     app(prog_name="cifarx")

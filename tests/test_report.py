@@ -1,0 +1,193 @@
+"""`cifarx report`: the statistics against scipy and hand computations on fixed numbers, and a
+report of a tiny sweep: every section, HTML whose figures are embedded PNGs, the same bytes
+twice, logged with the sweep, and bad input as one line."""
+
+import base64
+import html.parser
+import math
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+from scipy import stats
+from typer.testing import CliRunner
+
+from cifarx import compare as cmp
+from cifarx.cli import app
+
+runner = CliRunner()
+
+A = {0: 0.71, 1: 0.74, 2: 0.72, 3: 0.75}
+B = {0: 0.69, 1: 0.70, 2: 0.70, 3: 0.72}
+
+
+def cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_holm_and_bonferroni_by_hand():
+    p = [0.01, 0.04, 0.03, 0.005]
+    # Holm: sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1 = .02, .03, .06, .04; running max
+    assert cmp.adjust(p, "holm") == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert cmp.adjust(p, "bonferroni") == pytest.approx([0.04, 0.16, 0.12, 0.02])
+    assert cmp.adjust(p, "none") == p
+    assert cmp.adjust([0.5, float("nan")], "holm")[0] == 0.5  # NaN is not counted
+    with pytest.raises(ValueError):
+        cmp.adjust(p, "sidak")
+
+
+def test_paired_comparison_against_scipy():
+    (c,) = cmp.compare({"a": A, "b": B}, control="b")
+    d = np.array([A[s] - B[s] for s in sorted(A)])
+    assert c.test == "paired"
+    assert c.p == pytest.approx(stats.ttest_rel(list(A.values()), list(B.values())).pvalue)
+    half = stats.t.ppf(0.975, 3) * d.std(ddof=1) / 2
+    assert (c.ci_low, c.ci_high) == pytest.approx((d.mean() - half, d.mean() + half))
+    assert c.difference == pytest.approx(d.mean())
+    assert c.effect_size == pytest.approx(d.mean() / d.std(ddof=1))
+    se = d.std(ddof=1) / 2
+    assert c.detectable == pytest.approx((stats.t.ppf(0.975, 3) + stats.t.ppf(0.8, 3)) * se)
+    assert c.p_adjusted == c.p and c.significant == (c.p < 0.05)
+
+
+def test_welch_comparison_against_scipy_when_the_seeds_differ():
+    other = {10: 0.69, 11: 0.70, 12: 0.66}
+    c, c2 = cmp.compare({"a": A, "base": other, "b": B}, control="base")
+    a, b = np.array(list(A.values())), np.array(list(other.values()))
+    assert c.test == "welch"
+    assert c.p == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    v1, v2 = a.var(ddof=1) / 4, b.var(ddof=1) / 3
+    df = (v1 + v2) ** 2 / (v1 ** 2 / 3 + v2 ** 2 / 2)  # Welch-Satterthwaite
+    half = stats.t.ppf(0.975, df) * math.sqrt(v1 + v2)
+    diff = a.mean() - b.mean()
+    assert (c.ci_low, c.ci_high) == pytest.approx((diff - half, diff + half))
+    pooled = math.sqrt((3 * a.var(ddof=1) + 2 * b.var(ddof=1)) / 5)
+    assert c.effect_size == pytest.approx(diff / pooled * (1 - 3 / (4 * 7 - 9)))
+    # two comparisons: Holm multiplies the smaller p by 2, the larger by 1 (kept monotone)
+    small, large = sorted([c.p, c2.p])
+    assert sorted([c.p_adjusted, c2.p_adjusted]) == pytest.approx(
+        [min(1, 2 * small), max(min(1, 2 * small), large)])
+    # the detectable difference uses the corrected alpha: 0.05 / 2
+    assert c.detectable == pytest.approx(
+        (stats.t.ppf(1 - 0.025 / 2, df) + stats.t.ppf(0.8, df)) * math.sqrt(v1 + v2))
+
+
+def test_a_single_seed_is_not_tested_and_not_counted():
+    c, c2 = cmp.compare({"a": {0: 0.7}, "b": B, "base": A}, control="base")
+    assert c.test == "" and c.significant is None and math.isnan(c.p)
+    assert c2.p_adjusted == c2.p  # the only tested comparison: nothing to correct
+
+
+def test_bootstrap_interval_is_seeded_and_brackets_the_mean():
+    values = list(A.values())
+    low, high = cmp.bootstrap_interval(values)
+    assert (low, high) == cmp.bootstrap_interval(values)
+    assert low < np.mean(values) < high
+    assert all(math.isnan(x) for x in cmp.bootstrap_interval([0.5]))
+
+
+class Checker(html.parser.HTMLParser):
+    """Balanced tags, and every image an embedded PNG."""
+
+    VOID = {"meta", "img", "br", "hr", "link", "input"}
+
+    def __init__(self):
+        super().__init__()
+        self.stack, self.images, self.errors = [], 0, []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            src = dict(attrs)["src"]
+            prefix = "data:image/png;base64,"
+            if not src.startswith(prefix) or not base64.b64decode(
+                    src[len(prefix):]).startswith(b"\x89PNG"):
+                self.errors.append(f"image not embedded: {src[:40]}")
+            self.images += 1
+        elif tag not in self.VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        if not self.stack or self.stack.pop() != tag:
+            self.errors.append(f"unbalanced </{tag}>")
+
+
+@pytest.fixture(scope="module")
+def swept(data_dir, tmp_path_factory):
+    uri = f"sqlite:///{tmp_path_factory.mktemp('report')}/mlflow.db"
+    result = cli("sweep", "--set", "iters=6", "--set", "batch-size=10", "--set", "eval-every=3",
+                 "--set", "threads=1", "--set", f"data-dir={data_dir}", "--set", "probe=grad-max",
+                 "--grid", "aug=normalize", "--grid", "aug=flip", "--seeds", "3", "--workers", "1",
+                 "--tracking-uri", uri, "--experiment", "rep")
+    assert result.exit_code == 0, result.output
+    client = MlflowClient(uri)
+    (parent,) = [r for r in client.search_runs(
+        [client.get_experiment_by_name("rep").experiment_id])
+        if r.data.tags.get("cifarx.sweep") == "true"]
+    return uri, parent.info.run_id
+
+
+def test_report_of_a_sweep(swept, tmp_path):
+    uri, sweep = swept
+    out = tmp_path / "r"
+    result = cli("report", "--sweep", sweep, "--baseline", "aug=normalize", "--out", out,
+                 "--tracking-uri", uri)
+    assert result.exit_code == 0, result.output
+    page = (out / "report.html").read_text()
+    md = (out / "report.md").read_text()
+    for section in ("Verdict", "Protocol", "Seeds and machine", "Metrics", "Figures",
+                    "What the runs logged", "Runs"):
+        assert section in page and section in md
+    checker = Checker()
+    checker.feed(page)
+    assert checker.errors == [] and checker.stack == []
+    assert checker.images >= 4  # curves, means, and the runs' own figures
+    for name in (line.split("](figures/")[1].rstrip(")") for line in md.splitlines()
+                 if "](figures/" in line):
+        assert (out / "figures" / name).read_bytes().startswith(b"\x89PNG")
+    assert "aug=normalize** " in md or "**aug=normalize**" in md
+    # The report's p-value is scipy's paired t-test on the runs' own values (same seeds)
+    client = MlflowClient(uri)
+    runs = [r for r in client.search_runs([client.get_run(sweep).info.experiment_id])
+            if r.data.tags.get("mlflow.parentRunId") == sweep]
+    acc = {"flip": {}, "normalize": {}}
+    for r in runs:
+        aug = "flip" if "flip" in r.data.params["aug"] else "normalize"
+        acc[aug][int(r.data.params["seed"])] = r.data.metrics["final/test_acc"]
+    p = stats.ttest_rel([acc["flip"][s] for s in range(3)],
+                        [acc["normalize"][s] for s in range(3)]).pvalue
+    from cifarx.report import _p
+    assert f"| {_p(p)} |" in md
+    # logged with the sweep, and the same bytes when made again
+    logged = {a.path for a in client.list_artifacts(sweep, "report")}
+    assert {"report/report.html", "report/report.md"} <= logged
+    again = tmp_path / "again"
+    assert cli("report", "--sweep", sweep, "--baseline", "aug=normalize", "--out", again,
+               "--tracking-uri", uri).exit_code == 0
+    assert (again / "report.html").read_bytes() == page.encode()
+    assert (again / "report.md").read_text() == md
+
+
+def test_bad_input_is_one_line(swept, tmp_path):
+    uri, sweep = swept
+    client = MlflowClient(uri)
+    child = next(r.info.run_id for r in client.search_runs(
+        [client.get_run(sweep).info.experiment_id])
+        if r.data.tags.get("mlflow.parentRunId") == sweep)
+    cases = [
+        (["--sweep", child], "is not a sweep"),
+        (["--sweep", sweep, "--baseline", "aug=crop"], "matches no configuration"),
+        (["--sweep", sweep, "--baseline", "aug"], "accepted: PARAM=VALUE"),
+        (["--runs", f"{child},{sweep}"], "have no metric"),
+        (["--experiment", "nothing-here"], "no experiment"),
+        (["--sweep", sweep, "--correction", "sidak"], "holm, bonferroni, none"),
+        (["--sweep", sweep, "--runs", child + "," + child], "exactly one of"),
+    ]
+    for args, words in cases:
+        result = cli("report", *args, "--out", tmp_path / "x", "--tracking-uri", uri)
+        assert result.exit_code == 2, (args, result.output)
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("cifarx: error:"), result.output
+        assert words in lines[0], lines[0]
+    client.create_experiment("empty")
+    result = cli("report", "--experiment", "empty", "--tracking-uri", uri)
+    assert result.exit_code == 2 and "no finished training run" in result.output
