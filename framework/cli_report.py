@@ -81,3 +81,85 @@ def report(
     run_id = rep.log(uri, built, folder, sweep, experiment_of)
     console.print(f"report: {html}  {md}  (logged to run {run_id}, artifacts report/)",
                   highlight=False, soft_wrap=True)
+
+
+@command
+def reproduce(
+    what: Annotated[str, typer.Argument(metavar="assignment",
+                                        help="What to reproduce: assignment (CIS680's parts 1-3).")],
+    quick: Annotated[bool, typer.Option(
+        "--quick", help="The reduced protocol: 2 seeds of 300 iterations (about 12 minutes "
+        "on 2 CPU cores) instead of 5 seeds of 2,000.")] = False,
+    seeds: Annotated[Optional[int], typer.Option(
+        help="Seeds per configuration (overrides the protocol's).", show_default=False)] = None,
+    iters: Annotated[Optional[int], typer.Option(
+        help="Training iterations (overrides the protocol's).", show_default=False)] = None,
+    workers: Annotated[Optional[int], typer.Option(
+        help="Trials at once (default 2, one CPU thread each).", show_default=False)] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Print every step and exit, opening no run.")] = False,
+    data_dir: Annotated[Optional[Path], typer.Option(
+        help="Where CIFAR-10 is (default: $CIFARX_DATA_DIR, else ~/.cache/cifarx).",
+        show_default=False)] = None,
+    experiment: Annotated[Optional[str], typer.Option(
+        help="MLflow experiment (default: assignment, or assignment-quick).",
+        show_default=False)] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        help="Folder for assignment.html, assignment.md and figures/ (default: "
+             "./reports/<experiment>/).", show_default=False)] = None,
+    tracking_uri: TrackingUri = None,
+):
+    """Train, attack and report the whole assignment: part 1's four pipelines, part 2's three
+    nets with G, part 3's adversarial images and their transfer, with seeds, into one report
+    that answers each question. Run it again to finish an interrupted reproduction."""
+    import dataclasses
+    import time
+
+    from . import assignment_report, reproduce as rep
+    from .console import err, out as console
+    from .spool import require_server
+    from .tracking import quiet_mlflow, tracking_uri as resolve_uri
+
+    if what != "assignment":
+        raise UserError(f"cifarx reproduce {what}: accepted: assignment")
+    protocol = rep.QUICK if quick else rep.FULL
+    for flag, value in (("--seeds", seeds), ("--iters", iters), ("--workers", workers)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
+    changes = {k: v for k, v in (("seeds", seeds), ("iters", iters), ("workers", workers))
+               if v is not None}
+    if changes:
+        protocol = dataclasses.replace(protocol, name=protocol.name + " (changed)", **changes,
+                                       eval_every=min(protocol.eval_every,
+                                                      changes.get("iters", protocol.iters)))
+    experiment = experiment or ("assignment-quick" if quick else "assignment")
+    uri = resolve_uri(tracking_uri)
+    require_server(uri)
+    quiet_mlflow()
+    the_plan = rep.plan(protocol, experiment, uri, str(data_dir) if data_dir else None)
+    if dry_run:
+        lines = the_plan.describe()
+        for line in lines:
+            console.print(line, highlight=False)
+        console.print(f"{len(lines)} steps (protocol {protocol.name}) into experiment "
+                      f"{experiment}; no run opened", highlight=False)
+        return
+    start = time.time()
+    done = rep.run(the_plan, lambda line: err.print(line, highlight=False, soft_wrap=True))
+    intro, sections = assignment_report.build(uri, done, protocol, time.time() - start)
+    folder = out or Path("reports") / experiment
+    html, md = assignment_report.render("CIS680 assignment 2, reproduced by cifarx", intro,
+                                        sections, folder)
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    run = client.create_run(experiment_id, run_name="assignment report",
+                            tags={"cifarx.report": "true",
+                                  "mlflow.note.content": intro})
+    client.log_artifacts(run.info.run_id, str(folder), "report")
+    client.set_terminated(run.info.run_id, "FINISHED")
+    if done.reused:
+        console.print(f"done earlier, not run again: {', '.join(done.reused)}", highlight=False)
+    console.print(f"report: {html}  {md}  (run {run.info.run_id})", highlight=False,
+                  soft_wrap=True)

@@ -59,25 +59,26 @@ class Report:
 
 # -- reading runs -------------------------------------------------------------------------------
 
-def _record(client, run, with_figures: bool = True) -> RunRecord:
+def _record(client, run, curves=CURVES) -> RunRecord:
     record = RunRecord(run.info.run_id, run.info.run_name or run.info.run_id[:8],
                        run.info.status, dict(run.data.params), dict(run.data.metrics),
                        dict(run.data.tags))
     if run.info.status == "FINISHED":
-        for metric in CURVES:
+        for metric in curves:
             if metric in record.metrics:
                 history = client.get_metric_history(run.info.run_id, metric)
                 record.curves[metric] = sorted((m.step, m.value) for m in history)
-        if with_figures:
-            record.figures = sorted(a.path for a in client.list_artifacts(run.info.run_id,
-                                                                          "figures")
-                                    if a.path.endswith(".png"))
+        record.figures = sorted(a.path for a in client.list_artifacts(run.info.run_id,
+                                                                      "figures")
+                                if a.path.endswith(".png"))
     return record
 
 
 def collect(uri: str, sweep: str | None = None, runs: list[str] | None = None,
-            experiment: str | None = None) -> tuple[str, list[RunRecord], dict[str, Any]]:
-    """The runs to report on: (description, records, the sweep's study or {})."""
+            experiment: str | None = None,
+            curves=CURVES) -> tuple[str, list[RunRecord], dict[str, Any]]:
+    """The runs to report on: (description, records, the sweep's study or {}), with the
+    history of each metric of ``curves``."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -107,11 +108,11 @@ def collect(uri: str, sweep: str | None = None, runs: list[str] | None = None,
                 run_id=sweep, artifact_path="study.json", tracking_uri=uri)).read_text())
         except (MlflowException, OSError):
             pass
-        records = _latest([_record(client, r) for r in found])
+        records = _latest([_record(client, r, curves) for r in found])
         name = parent.info.run_name or sweep[:8]
         return f"sweep '{name}' ({sweep[:8]})", records, study
     if runs is not None:
-        records = [_record(client, get(run_id)) for run_id in runs]
+        records = [_record(client, get(run_id), curves) for run_id in runs]
         return f"runs {', '.join(r[:8] for r in runs)}", records, {}
     found_experiment = client.get_experiment_by_name(experiment)
     if found_experiment is None:
@@ -123,7 +124,7 @@ def collect(uri: str, sweep: str | None = None, runs: list[str] | None = None,
                and "cifarx.report" not in r.data.tags and "iters" in r.data.params]
     if not any(r.info.status == "FINISHED" for r in trained):
         raise UserError(f"experiment {experiment!r} has no finished training run to report on")
-    return f"experiment {experiment}", _latest([_record(client, r) for r in trained]), {}
+    return f"experiment {experiment}", _latest([_record(client, r, curves) for r in trained]), {}
 
 
 def _latest(records: list[RunRecord]) -> list[RunRecord]:
@@ -228,8 +229,10 @@ def _png(fig) -> bytes:
     return buffer.getvalue()
 
 
-def _curves(groups: list[Group], metric: str, figures) -> Figure | None:
-    """The mean curve of ``metric`` per configuration with a band of +-1 std over seeds."""
+def _curves(groups: list[Group], metric: str, figures, log: bool = False,
+            name: str | None = None) -> Figure | None:
+    """The mean curve of ``metric`` per configuration with a band of +-1 std over seeds
+    (``log``: a log scale, the band in log space)."""
     import numpy as np
 
     series = []
@@ -241,6 +244,8 @@ def _curves(groups: list[Group], metric: str, figures) -> Figure | None:
         if not steps:
             continue
         stacked = np.array([[dict(c)[s] for s in steps] for c in curves])
+        if log:
+            stacked = np.log10(np.maximum(stacked, 1e-30))
         series.append((g.label, steps, stacked.mean(0), stacked.std(0, ddof=0), len(curves)))
     if not series:
         return None
@@ -249,14 +254,15 @@ def _curves(groups: list[Group], metric: str, figures) -> Figure | None:
         line, = ax.plot(steps, mean, lw=1.5, label=f"{label} (n={n})")
         ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2, lw=0)
     ax.set_xlabel("iteration")
-    ax.set_ylabel(metric)
+    ax.set_ylabel(f"log10 {metric}" if log else metric)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title(f"{metric}: mean over seeds, band +-1 std")
     fig.tight_layout()
-    name = metric.replace("/", "_")
-    return Figure(f"curve-{name}.png", f"{metric} over training: the mean of each "
-                  "configuration's seeds, with a band of one standard deviation", _png(fig))
+    name = name or "curve-" + metric.replace("/", "_")
+    return Figure(f"{name}.png", f"{metric} over training: the mean of each "
+                  "configuration's seeds, with a band of one standard deviation"
+                  + (" (log10)" if log else ""), _png(fig))
 
 
 def _differences(t: MetricTable, report: Report, figures) -> Figure:

@@ -191,3 +191,41 @@ def test_bad_input_is_one_line(swept, tmp_path):
     client.create_experiment("empty")
     result = cli("report", "--experiment", "empty", "--tracking-uri", uri)
     assert result.exit_code == 2 and "no finished training run" in result.output
+
+
+def test_reproduce_plans_every_step_under_dry_run(data_dir, tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = cli("reproduce", "assignment", "--quick", "--dry-run", "--data-dir", data_dir,
+                 "--tracking-uri", uri)
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    part1 = [line for line in lines if line.startswith("part1 ")]
+    part2 = [line for line in lines if line.startswith("part2 ")]
+    assert len(part1) == 4 * 2 and len(part2) == 3 * 2  # configurations x the quick 2 seeds
+    assert any("plain20" in line for line in part2)
+    assert sum("ifgsm" in line for line in lines) == 4 and "no run opened" in lines[-1]
+    assert MlflowClient(uri).search_experiments(filter_string="name = 'assignment-quick'") == []
+    bad = cli("reproduce", "homework", "--tracking-uri", uri)
+    assert bad.exit_code == 2 and "accepted: assignment" in bad.output
+
+
+def test_a_reproduction_run_again_repeats_nothing(data_dir, tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = ("reproduce", "assignment", "--seeds", "2", "--iters", "20", "--data-dir", data_dir,
+            "--tracking-uri", uri, "--out", tmp_path / "out")
+    first = cli(*args)
+    assert first.exit_code == 0, first.output
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("assignment").experiment_id
+    before = {r.info.run_id for r in client.search_runs([experiment], max_results=1000)}
+    again = cli(*args)
+    assert again.exit_code == 0, again.output
+    assert "0 trial(s) to run (8 done earlier)" in again.output
+    assert "0 trial(s) to run (6 done earlier)" in again.output
+    after = client.search_runs([experiment], max_results=1000)
+    new = [r for r in after if r.info.run_id not in before]
+    # only the second report's run is new: no trial, attack or transfer ran twice
+    assert [r.info.run_name for r in new] == ["assignment report"]
+    md = (tmp_path / "out" / "assignment.md").read_text()
+    for number in ("1.1", "1.2", "1.3", "1.4", "2.1", "2.2", "2.3", "2.4", "3.1", "3.2"):
+        assert f"## {number} " in md
