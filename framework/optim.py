@@ -39,7 +39,8 @@ OPTIMIZERS: dict[str, Callable] = {
 def _onecycle(iters: int) -> Callable[[int], float]:
     """Linear warm-up for 20% of the run, then linear decay to zero."""
     warm = max(1, iters // 5)
-    return lambda step: step / warm if step < warm else max(0.0, (iters - step) / (iters - warm))
+    decay = max(1, iters - warm)  # a run of one step has no decay phase (iters == warm)
+    return lambda step: step / warm if step < warm else max(0.0, (iters - step) / decay)
 
 
 # name -> factory(iters) of the learning-rate multiplier after `step` optimizer steps.

@@ -79,6 +79,19 @@ def test_schedules_start_and_end_where_they_should(schedule):
         assert values[0] == 0 and values[20] == 1 and values[10] == 0.5
 
 
+@pytest.mark.parametrize("schedule", ["none", "step", "exponential", "cosine", "onecycle"])
+@pytest.mark.parametrize("iters", [1, 2, 3, 4, 5, 7])
+def test_every_schedule_takes_any_positive_iteration_count(schedule, iters):
+    f = lr_factor(schedule, iters)  # onecycle at 1 iteration divided by zero
+    assert all(0 <= f(step) <= 1 and math.isfinite(f(step)) for step in range(iters + 1))
+
+
+def test_a_one_iteration_run_trains_and_ends(data_dir):
+    p = plan(quick(data_dir, iters=1))
+    result = train(p, p.load_data())
+    assert len(result.history["train/loss"]) == 1 and math.isfinite(result.test_acc)
+
+
 def test_training_learns_synthetic_classes(data_dir):
     p = plan(quick(data_dir, iters=60))
     result = train(p, p.load_data())
