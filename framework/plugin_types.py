@@ -33,6 +33,10 @@ class _Declared:
     """Turns the ``options`` a plugin wrote into :class:`cifarx.options.Option` objects."""
 
     def __post_init__(self):
+        # plain values (``"width": 32``) are accepted but deprecated: the registry warns
+        untyped = tuple(name for name, value in self.options.items()
+                        if not isinstance(value, (Option, tuple)))
+        object.__setattr__(self, "untyped", untyped)
         object.__setattr__(self, "options", schema(self.options))
 
 

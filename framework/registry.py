@@ -124,9 +124,9 @@ class Catalog:
     def clash_advice(self, kind: str, name: str) -> str:
         """One sentence: which packages register ``name`` and what resolves the clash.
 
-        A built-in always loads, so a third-party plugin cannot take a built-in's name: that
-        package must rename its plugin (or not load). Between third-party packages, uninstalling
-        one or leaving one out of ``CIFARX_LOAD_PLUGINS`` resolves it.
+        (A third-party registration of a built-in's name never gets here: it is dropped at
+        load, with a warning.) Between third-party packages, uninstalling one or leaving one
+        out of ``CIFARX_LOAD_PLUGINS`` resolves it.
         """
         found = self._matches(kind, name)
         owners = {e.package: f"{e.package} {e.version}".strip() for e in found}
@@ -136,11 +136,6 @@ class Catalog:
                     f"{package} must rename all but one of them")
         said = (f"{kind} {name!r} is registered by more than one package "
                 f"({' and '.join(owners.values())}); ")
-        if any(e.builtin for e in found):
-            others = " and ".join(p for p in owners if _canonical(p) != BUILTIN_PACKAGE)
-            return (said + f"a plugin cannot reuse a built-in's name, as the built-ins always "
-                    f"load: {others} must rename it (until then, uninstall {others}, or leave it "
-                    f"out of the packages {ALLOW_ENV} lists)")
         return (said + f"uninstall all but one of them, or set {ALLOW_ENV} to the third-party "
                 f"packages to load, naming only one of these (e.g. {ALLOW_ENV}={found[0].package})")
 
@@ -216,7 +211,11 @@ class Registry:
                 package = self.origins.get(plugin_name, (plugin_name, ""))[0]
                 problems.append(_unknown_hooks_problem(package, unknown))
         for kind, (hook_name, cls) in KINDS.items():
-            for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+            # built-ins first: a third-party registration of a built-in's name is then dropped
+            impls = sorted(getattr(self.pm.hook, hook_name).get_hookimpls(), key=lambda i: (
+                _canonical(self.origins.get(i.plugin_name, (i.plugin_name, ""))[0])
+                != BUILTIN_PACKAGE))
+            for impl in impls:
                 package, version = self.origins.get(impl.plugin_name, (impl.plugin_name, ""))
                 added: list[Entry] = []
 
@@ -236,8 +235,45 @@ class Registry:
                     problems.append(f"plugin package {package}: {hook_name} failed: "
                                     f"{type(exc).__name__}: {exc}")
                     continue
-                entries.extend(added)
+                for entry in added:
+                    problem = _declaration_problem(entry, entries)
+                    if problem and not problem.startswith("deprecated: "):
+                        problems.append(problem)
+                        continue
+                    if problem:
+                        problems.append(problem[len("deprecated: "):])
+                    entries.append(entry)
         return Catalog(entries, problems)
+
+
+def _declaration_problem(entry: Entry, earlier: list[Entry]) -> str | None:
+    """What is wrong with a registration, checked once at load: a built-in's name taken by
+    another package (the built-in wins: new built-ins may appear in any release), or an option
+    whose default its own type, choices or range refuse. ``deprecated: ...``: a warning only;
+    the registration stands."""
+    from .options import convert
+
+    where = f"plugin package {entry.package}: {entry.kind} {entry.name!r}"
+    if not entry.builtin and any(e.builtin and (e.kind, e.name) == (entry.kind, entry.name)
+                                 for e in earlier):
+        return (f"{where} is ignored: cifarx has a built-in {entry.kind} of that name (built-ins "
+                f"win); {entry.package} must rename it")
+    item = entry.item
+    for name, option in (getattr(item, "options", None) or {}).items():
+        if option.default is None:
+            continue
+        try:
+            convert(option, option.default)
+        except ValueError as exc:
+            return (f"{where} is ignored: its option {name!r} has the default "
+                    f"{option.default!r}, which its own declaration refuses ({exc}); declare "
+                    "a default it accepts")
+    untyped = getattr(item, "untyped", ())
+    if untyped:
+        return (f"deprecated: {where}: option{'s' if len(untyped) > 1 else ''} "
+                f"{', '.join(map(repr, untyped))} declared as a plain value; declare "
+                "Option(default, type, help=...) so that values are checked and typed")
+    return None
 
 
 _registry: Registry | None = None

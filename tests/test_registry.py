@@ -335,19 +335,87 @@ def test_a_clash_between_third_party_packages_says_uninstall_or_limit_the_allow_
     assert only_one.origin("architecture", "same") == ("cifarx-one", "1.2")
 
 
-def test_a_clash_with_a_builtin_says_rename_as_the_allow_list_cannot_pick_the_builtin(tmp_path,
-                                                                                      monkeypatch):
+def test_a_builtins_name_taken_by_a_package_is_dropped_with_one_warning(tmp_path, monkeypatch):
     make_dist(tmp_path, "cifarx-bad", "bad_plugin",
               ARCH_PLUGIN.format(name="table1", package="cifarx-bad"))
     activate(tmp_path, monkeypatch)
     cat = loaded().catalog()
-    assert ("architecture", "table1") in cat.clashes()
-    advice = cat.clash_advice("architecture", "table1")
-    assert "cifarx-bad must rename it" in advice
-    assert "a plugin cannot reuse a built-in's name" in advice
-    assert "uninstall cifarx-bad" in advice and "uninstall all but one" not in advice
-    with pytest.raises(UserError, match="cifarx-bad must rename it"):
-        cat.get("architecture", "table1")
+    assert ("architecture", "table1") not in cat.clashes()
+    assert cat.origin("architecture", "table1")[0] == "cifarx"  # the built-in wins
+    (problem,) = [p for p in cat.problems if "cifarx-bad" in p]
+    assert problem == ("plugin package cifarx-bad: architecture 'table1' is ignored: cifarx has "
+                       "a built-in architecture of that name (built-ins win); cifarx-bad must "
+                       "rename it")
+
+
+FLIP_PLUGIN = """
+    from cifarx import Augmentation, hookimpl
+
+    @hookimpl
+    def register_augmentations(register):
+        register(Augmentation(name="flip", stage="pixels", apply=lambda images, **kw: images,
+                              summary="a third-party flip"))
+"""
+
+
+def test_a_package_registering_flip_leaves_the_default_run_alone(tmp_path, monkeypatch, data_dir):
+    """The default `--aug flip,crop` exited 2 with a clash error for everyone."""
+    from typer.testing import CliRunner
+
+    from cifarx.cli import app
+    from cifarx.registry import set_registry
+
+    make_dist(tmp_path / "dist", "cifarx-flipper", "flipper_plugin", FLIP_PLUGIN)
+    activate(tmp_path / "dist", monkeypatch)
+    previous = set_registry(None)
+    try:
+        result = CliRunner().invoke(app, ["train", "--iters", "2", "--batch-size", "10",
+                                          "--threads", "1", "--data-dir", str(data_dir),
+                                          "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])
+    finally:
+        set_registry(previous)
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.output.splitlines() if "cifarx-flipper" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("cifarx: warning: plugin package "
+                                                         "cifarx-flipper: augmentation 'flip'")
+
+
+def test_an_option_whose_default_its_declaration_refuses_is_a_problem_at_load(register_plugin):
+    from cifarx import Option
+
+    class Bad:
+        @hookimpl
+        def register_architectures(self, register):
+            register(Architecture(name="bad-default", build=nn.Flatten,
+                                  options={"p": Option(5, int, range="[0, 1]")}))
+            register(Architecture(name="bad-choice", build=nn.Flatten,
+                                  options={"mode": Option("c", choices=("a", "b"))}))
+            register(Architecture(name="fine", build=nn.Flatten,
+                                  options={"p": Option(1, int, range="[0, 1]")}))
+
+    register_plugin(Bad(), "bad-defaults")
+    cat = registry().catalog()
+    names = cat.names("architecture")
+    assert "fine" in names and "bad-default" not in names and "bad-choice" not in names
+    problems = [p for p in cat.problems if "bad-defaults" in p]
+    assert len(problems) == 2
+    assert "option 'p' has the default 5, which its own declaration refuses (accepted: a whole " \
+           "number in [0, 1])" in problems[0]
+
+
+def test_a_plain_value_option_is_deprecated_but_registered(register_plugin):
+    class Old:
+        @hookimpl
+        def register_architectures(self, register):
+            register(Architecture(name="old-style", build=nn.Flatten,
+                                  options={"width": 32, "mode": ("a", "b")}))
+
+    register_plugin(Old(), "old-package")
+    cat = registry().catalog()
+    assert "old-style" in cat.names("architecture")
+    (problem,) = [p for p in cat.problems if "old-package" in p]
+    assert "option 'width' declared as a plain value; declare Option(default, type" in problem
+    assert "'mode'" not in problem  # a tuple of choices is typed by its values
 
 
 def test_a_package_registering_one_name_twice_is_told_to_rename(register_plugin):
