@@ -786,13 +786,21 @@ def sweep(
     study = studies.overrides(study, seeds=seeds, search=search, trials=trials, metric=metric,
                               direction=direction, experiment=experiment)
     name = executor or study.executor.get("name", "local")
-    texts = [f"{k}={v}" for k, v in study.executor.items() if k != "name"]
+    # The study's [executor] options, then the flags: a flag wins over the file (as documented);
+    # the file's options belong to its executor, so another --executor starts without them.
+    chosen = {k: str(v).lower() if isinstance(v, bool) else str(v)
+              for k, v in study.executor.items()
+              if k != "name" and name == study.executor.get("name", "local")}
     flags = {}
+    for text in executor_opt or ():
+        key, sep, value = text.partition("=")
+        if sep and key.strip():
+            chosen.pop(key.strip(), None)
+    texts = [f"{k}={v}" for k, v in chosen.items()] + list(executor_opt or ())
     if workers is not None:
-        texts.append(f"workers={workers}")
+        texts = [t for t in texts if not t.startswith("workers=")] + [f"workers={workers}"]
         flags["workers"] = "--workers"
-    sweep = plan_sweep(study, name, texts + list(executor_opt or ()), flags, tracking_uri,
-                       plugins_catalog())
+    sweep = plan_sweep(study, name, texts, flags, tracking_uri, plugins_catalog())
     if dry_run:
         for trial in sweep.trials:
             out.print(f"{trial.number:>4}  {trial_name(trial.axes, trial.config.seed)}",
@@ -829,6 +837,11 @@ def sweep(
     out.print(f"sweep run {done.run_id}  sweep.json  sweep.csv  figures/sweep_axes.png",
               highlight=False, soft_wrap=True)
     _open_hint(tracking_uri, done.experiment_id, done.run_id)
+    if done.failed and not done.summary:  # nothing to compare: the sweep itself failed
+        typer.echo(f"cifarx: error: every trial failed ({len(done.failed)} of "
+                   f"{len(done.failed)}; said above); fix the cause, then `cifarx sweep "
+                   f"--resume {done.run_id}` runs them again", err=True)
+        raise typer.Exit(1)
 
 
 @command

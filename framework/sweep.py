@@ -297,7 +297,9 @@ def sweep_run(sweep: SweepPlan, resume: str | None = None,
     existing = resume or (None if sweep.search else
                           find_sweep(uri, study.experiment, sweep.digest))
     earlier = finished_children(uri, existing) if existing else {}
-    tags = {SWEEP_TAG: "true", DIGEST_TAG: sweep.digest, EXECUTOR_TAG: sweep.executor.name}
+    package, version = default_catalog().origin("executor", sweep.executor.name)
+    tags = {SWEEP_TAG: "true", DIGEST_TAG: sweep.digest, EXECUTOR_TAG: sweep.executor.name,
+            f"cifarx.plugin.executor.{sweep.executor.name}": f"{package}=={version}"}
     name = f"sweep {', '.join(axes_of(study)) or 'seeds'}"
     total = study.trials * len(study.seeds) if sweep.search else len(sweep.trials)
     with start_run(uri, study.experiment, name, {**tags, **(user_tags or {})}, existing=existing,
@@ -538,14 +540,22 @@ def summarize(sweep: SweepPlan, run, outcomes: list[Outcome], earlier: dict,
         run.log_figure(sweep_curves(curves, best, "test accuracy of every trial"),
                        "figures/sweep_curves.png")
     now = int(time.time() * 1000)
+    # each invocation's time at its own step (a resume adds one), and their sum
+    import mlflow
+
+    spent = [m.value for m in mlflow.MlflowClient(sweep.uri).get_metric_history(
+        run.id, "sweep/seconds")]
     points = [("sweep/trials_finished", len(finished), 0, now),
-              ("sweep/trials_failed", len(failed), 0, now), ("sweep/seconds", seconds, 0, now)]
+              ("sweep/trials_failed", len(failed), 0, now),
+              ("sweep/seconds", seconds, len(spent), now),
+              ("sweep/total_seconds", sum(spent) + seconds, 0, now)]
     if search is not None:
         points.append(("sweep/trials_pruned", len(pruned), 0, now))
     if ranked:
         points.append((f"best/{study.metric}_mean", ranked[0][f"{study.metric}_mean"], 0, now))
     run.log_points(points)
-    run.set_tags({FAILED_TAG: ",".join(str(o.trial.number) for o in failed)} if failed else {})
+    # set every time: a resume that completes the failed trials clears it
+    run.set_tags({FAILED_TAG: ",".join(str(o.trial.number) for o in failed) or "none"})
     best_run = None
     if ranked:  # of the best configuration's seeds, the one with the best metric
         sign = 1 if study.direction == "maximize" else -1

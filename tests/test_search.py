@@ -120,7 +120,7 @@ lr = [0.05, 1e-6]
     assert "final/test_acc" in pruned.data.metrics  # logged as a finished run's
     history = MlflowClient(uri).get_metric_history(pruned.info.run_id, "test/acc")
     assert [m.step for m in history] == [2, 4]
-    assert "cifarx.failed_trials" not in parent.data.tags
+    assert parent.data.tags["cifarx.failed_trials"] == "none"
     assert parent.data.metrics["sweep/trials_failed"] == 0
     assert parent.data.metrics["sweep/trials_pruned"] == 1
     summary = sweep_json(uri, parent.info.run_id)

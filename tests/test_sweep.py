@@ -209,3 +209,56 @@ def test_a_resumed_sweep_continues_an_interrupted_trial_from_its_checkpoint(data
     run = client.get_run(killed.info.run_id)
     assert run.info.status == "FINISHED" and "final/test_acc" in run.data.metrics
     assert len(runs_of(uri, "ckpt-sweep")) == 3  # the sweep and its two trials, no new one
+
+
+def test_a_sweep_whose_every_trial_failed_exits_1_and_a_resume_that_completes_them_says_so(
+        data_dir, tmp_path, register_plugin):
+    """Every trial failed and the sweep exited 0; a resume that completed them left the
+    failed-trials tag stale; a resume overwrote sweep/seconds; the sweep run did not record its
+    executor's package."""
+    from cifarx import Executor, hookimpl
+    from cifarx.trials import Outcome, run_trial
+
+    calls = []
+
+    class Flaky:  # fails every trial the first time, runs them (in this process) after
+        @hookimpl
+        def register_executors(self, register):
+            def run(trials, on_outcome):
+                calls.append(1)
+                for trial in trials:
+                    on_outcome(run_trial(trial) if len(calls) > 1 else
+                               Outcome(trial, "FAILED", error="the cluster was down"))
+            register(Executor(name="flaky", run=run))
+
+    register_plugin(Flaky(), "flaky-package")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    first = cli("sweep", *tiny(data_dir), "--grid", "lr=0.05,0.1", "--executor", "flaky",
+                "--tracking-uri", uri, "--experiment", "flaky")
+    assert first.exit_code == 1, first.output
+    assert "cifarx: error: every trial failed (2 of 2" in first.stderr
+    (parent,) = runs_of(uri, "flaky")
+    assert parent.data.tags["cifarx.failed_trials"] == "0,1"
+    assert parent.data.tags["cifarx.plugin.executor.flaky"] == "flaky-package=="
+    again = cli("sweep", "--resume", parent.info.run_id, "--executor", "flaky",
+                "--tracking-uri", uri)
+    assert again.exit_code == 0, again.output
+    client = MlflowClient(uri)
+    parent = client.get_run(parent.info.run_id)
+    assert parent.data.tags["cifarx.failed_trials"] == "none"
+    seconds = client.get_metric_history(parent.info.run_id, "sweep/seconds")
+    assert sorted(m.step for m in seconds) == [0, 1]  # each invocation's own
+    assert parent.data.metrics["sweep/total_seconds"] == pytest.approx(
+        sum(m.value for m in seconds))
+
+
+def test_executor_flags_win_over_the_study_file(data_dir, tmp_path):
+    """`--executor-opt workers=1` on a study with [executor] workers = 2 was "given twice"."""
+    study = tmp_path / "study.toml"
+    study.write_text(f'[train]\niters = 4\nbatch-size = 10\ndata-dir = "{data_dir}"\n'
+                     '[grid]\nlr = [0.05, 0.1]\n[executor]\nname = "local"\nworkers = 2\n')
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    for args in (["--executor-opt", "workers=1"], ["--workers", "1"]):
+        result = cli("sweep", study, *args, "--dry-run", "--tracking-uri", uri)
+        assert result.exit_code == 0, result.output
+        assert "2 trials (2 configurations x 1 seeds) on local" in result.stdout
