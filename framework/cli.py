@@ -33,7 +33,9 @@ def command(fn):
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
-        raise_on_sigterm()  # SIGTERM ends the runs KILLED, as Ctrl-C does
+        import signal
+
+        previous = raise_on_sigterm()  # SIGTERM ends the runs KILLED, as Ctrl-C does
         try:
             return fn(*args, **kwargs)
         except UserError as exc:
@@ -48,6 +50,8 @@ def command(fn):
         except KeyboardInterrupt:
             typer.echo("cifarx: interrupted", err=True)
             raise typer.Exit(130) from None
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     return app.command()(run)
 
@@ -84,6 +88,20 @@ def _threads(threads: int | None):
         torch.set_num_threads(threads)
 
 
+def check_tag_key(key: str, text: str) -> str:
+    """MLflow's own rule for tag keys, applied before any run opens (a refused key failed the
+    run after it had started)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_tag_name
+
+    try:
+        _validate_tag_name(key)
+    except MlflowException as exc:
+        why = str(exc.message).partition("supplied: ")[2].split(". ")[0] or "refused"
+        raise UserError(f"--tag {text}: MLflow refuses the key {key!r}: {why}") from None
+    return key
+
+
 def _tracking(tracking_uri, experiment, run_name, description=None, tag=None,
               system_metrics=True, register_model=None):
     """Where the command's run goes; every command that opens a run calls this first, so a
@@ -96,7 +114,7 @@ def _tracking(tracking_uri, experiment, run_name, description=None, tag=None,
         key, sep, value = text.partition("=")
         if not sep or not key.strip():
             raise UserError(f"--tag {text}: accepted: KEY=VALUE")
-        tags[key.strip()] = value.strip()
+        tags[check_tag_key(key.strip(), text)] = value.strip()
     tracking = Tracking(tracking_uri, experiment, run_name, tags=tags, description=description,
                         system_metrics=system_metrics, register_model=register_model)
     require_server(tracking.resolved_uri)

@@ -34,10 +34,12 @@ class Terminated(KeyboardInterrupt):
 
 
 def raise_on_sigterm():
-    """From now on, SIGTERM raises :class:`Terminated` in the main thread."""
+    """From now on, SIGTERM raises :class:`Terminated` in the main thread. Returns the handler
+    it replaced, for the caller to put back (a command run inside a Python process, as tests
+    do, must not leave the process deaf to SIGTERM)."""
     import signal
 
     def handler(signum, frame):
         raise Terminated()
 
-    signal.signal(signal.SIGTERM, handler)
+    return signal.signal(signal.SIGTERM, handler)

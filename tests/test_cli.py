@@ -175,3 +175,27 @@ def test_the_progress_line_keeps_bar_count_and_speed_at_80_columns(width, monkey
     line = out.getvalue().rstrip("\n")
     assert "━" in line and "600/2000" in line and "394 img/s" in line and "…" not in line
     assert len(line) <= width
+
+
+def test_a_tag_key_mlflow_refuses_is_one_line_and_opens_no_run(data_dir, tmp_path):
+    """It was a traceback, exit 1, and a run left FAILED."""
+    result = cli("train", *QUICK, "--data-dir", data_dir, "--tag", "🙂=v",
+                 "--tracking-uri", f"sqlite:///{tmp_path}/m.db")
+    one_line_error(result, "--tag 🙂=v: MLflow refuses the key", "alphanumerics")
+    assert not (tmp_path / "m.db").exists()
+
+
+def test_a_command_puts_back_the_sigterm_handler_it_replaced(data_dir, tmp_path):
+    """Inside a Python process (pytest) the CLI left SIGTERM raising Terminated for good."""
+    import signal
+
+    def mine(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        assert cli("plugins").exit_code == 0
+        one_line_error(cli("train", "--arch", "nope", "--data-dir", data_dir))
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)
