@@ -57,13 +57,24 @@ class _ArraysOnly(pickle.Unpickler):
             raise pickle.UnpicklingError(f"refusing to load {module}.{name}") from None
 
 
+def again(folder: Path) -> str:
+    """How to get a good copy of a damaged data folder without losing the only one: unpacked
+    again from the archive beside it if there is one, else downloaded, which needs the network
+    (so the old folder is moved aside, not deleted)."""
+    archives = [p.name for p in folder.parent.glob("*.tar.gz")] if folder.parent.is_dir() else []
+    if archives:
+        return f"delete {folder}: the next run unpacks it again from {archives[0]} beside it"
+    return (f"put a good copy there, or move {folder} aside and run again to download it "
+            "(this needs the network: keep the old folder until the download worked)")
+
+
 def _unpickle(path: Path, title: str = "CIFAR-10") -> dict:
     try:
         with open(path, "rb") as f:
             content = _ArraysOnly(f, encoding="bytes").load()
     except Exception as exc:  # truncated, corrupt or hostile: the same answer for all
         raise UserError(f"{path} is not a readable {title} file ({type(exc).__name__}: {exc}); "
-                        f"delete {path.parent} to download it again") from None
+                        f"{again(path.parent)}") from None
     if not isinstance(content, dict):
         raise UserError(f"{path} is not a {title} file: it holds {type(content).__name__}, "
                         "not dict")
@@ -188,7 +199,7 @@ def read_idx(reader, path: Path) -> torch.Tensor:
     except Exception as exc:  # torchvision asserts, or fails to reshape a short file
         reason = str(exc).splitlines()[0] if str(exc) else "malformed header"
         raise UserError(f"{path} is not a readable idx file ({type(exc).__name__}: {reason}); "
-                        f"delete it to download it again") from None
+                        f"{again(path.parent)}") from None
 
 
 def read_idx_split(raw: Path, prefix: str, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -60,6 +60,20 @@ def test_damaged_files_give_a_clear_error(tmp_path, damage):
         load_cifar10(tmp_path, "batch1")
 
 
+def test_a_damaged_file_is_never_answered_with_delete_the_only_copy(tmp_path):
+    """The advice was 'delete the folder to download it again': offline, the only copy."""
+    folder = write_cifar_layout(tmp_path, per_batch=20, test=20)
+    (folder / "data_batch_1").write_bytes(b"garbage")
+    with pytest.raises(UserError) as raised:
+        load_cifar10(tmp_path, "batch1")
+    assert "delete" not in str(raised.value)
+    assert f"move {folder} aside and run again to download it (this needs the network" in \
+        str(raised.value)
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"an archive beside it")
+    with pytest.raises(UserError, match="unpacks it again from cifar-10-python.tar.gz"):
+        load_cifar10(tmp_path, "batch1")
+
+
 def official_archive(tmp_path: Path) -> tuple[Path, str]:
     """A tar.gz laid out like the official one, and its MD5."""
     source = tmp_path / "source"
