@@ -18,8 +18,14 @@ err = Console(stderr=True)
 class TrainingProgress:
     """A progress bar with step, loss, train accuracy, last test accuracy and images/s."""
 
+    EVERY = 10.0  # seconds between plain lines when stderr is not a terminal
+
     def __init__(self, iters: int, batch_size: int, label: str):
-        self.batch_size = batch_size
+        self.batch_size, self.iters = batch_size, iters
+        # Output to a file (a log, CI, nohup): a bar would show only when the run ends (and
+        # never if it is killed), so plain lines instead, every EVERY seconds and at the end.
+        self.plain = not err.is_terminal
+        self.said_at, self.fields = -math.inf, {"loss": "-", "train": "-", "test": "-"}
         # Most important first, as a narrow terminal cuts the line from the right; below 110
         # columns the label (printed again with the result) is left out.
         count = len(f"{iters}/{iters}")
@@ -49,6 +55,8 @@ class TrainingProgress:
         """A training listener: the new metric points, (key, value, step, time)."""
         if not points:
             return
+        if self.plain:
+            return self._line(points)
         if not self.progress.live.is_started:  # shown from the first metrics on: an error
             self.progress.start()               # before them is one line, with no bar
         step = max(p[2] for p in points)
@@ -61,6 +69,27 @@ class TrainingProgress:
         if "test/acc" in latest:
             fields["test"] = f"{latest['test/acc']:.2%}"
         self.progress.update(self.task, completed=step, **fields)
+
+
+    def _line(self, points):
+        step = max(p[2] for p in points)
+        for key, value, _, _ in points:
+            name = {"train/loss": "loss", "train/acc": "train", "test/acc": "test"}.get(key)
+            if name:
+                self.fields[name] = f"{value:.3f}" if name == "loss" else \
+                    f"{value:.1%}" if name == "train" else f"{value:.2%}"
+        now = time.perf_counter()
+        if now - self.said_at < self.EVERY and step < self.iters:
+            return
+        self.said_at = now
+        elapsed = now - self.started
+        left = elapsed / step * (self.iters - step) if step else math.nan
+        f = self.fields
+        err.file.write(f"step {step}/{self.iters} ({step / self.iters:.0%})  loss {f['loss']}  "
+                       f"train {f['train']}  test {f['test']}  "
+                       f"{step * self.batch_size / elapsed:,.0f} img/s  "
+                       f"ETA {duration(left) if math.isfinite(left) else '-'}\n")
+        err.file.flush()
 
 
 def duration(seconds: float) -> str:

@@ -199,3 +199,17 @@ def test_a_command_puts_back_the_sigterm_handler_it_replaced(data_dir, tmp_path)
         assert signal.getsignal(signal.SIGTERM) is mine
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_progress_is_plain_lines_as_it_goes_when_output_is_not_a_terminal(data_dir, tmp_path,
+                                                                          monkeypatch):
+    """With output to a file nothing appeared until the run ended (a killed run: nothing)."""
+    from cifarx.console import TrainingProgress
+
+    monkeypatch.setattr(TrainingProgress, "EVERY", 0.0)  # a line at every metrics flush
+    result = cli("train", *QUICK, "--data-dir", data_dir,
+                 "--tracking-uri", f"sqlite:///{tmp_path}/m.db")
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("step ")]
+    assert len(lines) >= 2 and lines[-1].startswith("step 20/20 (100%)  loss ")
+    assert "test " in lines[-1] and "img/s" in lines[-1] and "ETA" in lines[-1]
