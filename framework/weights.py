@@ -101,7 +101,53 @@ def load(folder: Path, label: str, catalog: Catalog, device: torch.device | str 
                         f"(or set {TRUST_ENV}=1)")
     import mlflow.pytorch
 
-    return mlflow.pytorch.load_model(str(folder), map_location=torch.device(device))
+    try:
+        return mlflow.pytorch.load_model(str(folder), map_location=torch.device(device))
+    except Exception as exc:  # trusted, but not a model this torch can read back
+        raise UserError(f"{label}: its pickle does not load as a PyTorch model "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+                        ) from None
+
+
+def stored_options(plugin, kind: str, stored: Mapping[str, Any], label: str) -> dict[str, Any]:
+    """A recipe's options as the installed plugin takes them: each value converted through the
+    option's current declaration (an older plugin may have stored ``"32"`` for an int), options
+    the plugin no longer declares left out with a warning, new ones at their defaults."""
+    from .options import convert, show
+
+    values = {}
+    for name, value in stored.items():
+        option = plugin.options.get(name)
+        if option is None:
+            warn(f"{label}: its {kind} {plugin.name!r} was saved with the option {name}="
+                 f"{show(value)}, which the installed plugin no longer has; left out")
+            continue
+        try:
+            values[name] = value if value is None else convert(option, value)
+        except ValueError as exc:
+            raise UserError(f"{label}: cannot be rebuilt: its {kind} option {name}="
+                            f"{show(value)} is not accepted by the installed {plugin.name} "
+                            f"({exc})") from None
+    return values
+
+
+def warn(message: str):
+    import sys
+
+    print(f"cifarx: warning: {message}", file=sys.stderr)
+
+
+def check_versions(spec: Mapping[str, Any], catalog: Catalog, label: str):
+    """One warning per plugin whose installed version differs from the one that saved it."""
+    for key, saved in (spec.get("plugins") or {}).items():
+        kind, _, name = key.partition(".")
+        try:
+            now = "==".join(filter(None, catalog.origin(kind, name)))
+        except (UserError, ValueError):
+            continue  # not installed: rebuild says so
+        if saved and now and saved != now:
+            warn(f"{label} was saved with {saved}; {now} is installed (its options are read "
+                 "through the installed declarations)")
 
 
 def rebuild(spec: Mapping[str, Any], weights: Path, label: str, catalog: Catalog,
@@ -122,11 +168,22 @@ def rebuild(spec: Mapping[str, Any], weights: Path, label: str, catalog: Catalog
     except UserError as exc:
         raise UserError(f"{label}: built with a plugin that is not installed here ({exc}); "
                         f"it came from {spec.get('plugins') or 'an unknown package'}") from None
-    with _as_rebuild():
-        net = arch.build(num_classes=len(classes), in_channels=channels, image_size=height,
-                         **spec["arch_options"])
-        scaling = normalize.fit(torch.zeros(1, channels, height, width, dtype=torch.uint8),
-                                **spec["normalize_options"])
+    check_versions(spec, catalog, label)
+    arch_options = stored_options(arch, "architecture", spec["arch_options"], label)
+    normalize_options = stored_options(normalize, "augmentation", spec["normalize_options"],
+                                       label)
+    try:
+        with _as_rebuild():
+            net = arch.build(num_classes=len(classes), in_channels=channels, image_size=height,
+                             **arch_options)
+            scaling = normalize.fit(torch.zeros(1, channels, height, width, dtype=torch.uint8),
+                                    **normalize_options)
+    except UserError:
+        raise
+    except Exception as exc:  # the recipe and the installed plugin disagree
+        raise UserError(f"{label}: cannot be rebuilt: the installed {spec['architecture']} "
+                        f"refused its recipe ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
     model = Classifier(scaling, net, classes)
     try:
         missing, unexpected = load_model(model, str(weights), strict=False, device=str(device))
