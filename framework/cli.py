@@ -50,6 +50,20 @@ def command(fn):
         except KeyboardInterrupt:
             typer.echo("cifarx: interrupted", err=True)
             raise typer.Exit(130) from None
+        except Exception as exc:  # a plugin's own failure: name it; a bug of cifarx: traceback
+            from .registry import catalog
+
+            culprit = catalog().blame(exc.__traceback__)
+            if culprit is None or culprit.builtin or os.environ.get("CIFARX_TRACEBACK"):
+                raise
+            run = getattr(exc, "cifarx_run", None)
+            where = (f"the traceback is in run {run}, error.txt" if run else
+                     "CIFARX_TRACEBACK=1 shows the traceback")
+            typer.echo(f"cifarx: error: the {culprit.kind} plugin {culprit.name!r} of "
+                       f"{culprit.package} {culprit.version} failed: "
+                       f"{' '.join(f'{type(exc).__name__}: {exc}'.split())} ({where})",
+                       err=True)
+            raise typer.Exit(1) from None
         finally:
             signal.signal(signal.SIGTERM, previous)
 

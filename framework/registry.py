@@ -145,6 +145,29 @@ class Catalog:
         entry = self._entry(kind, name)
         return entry.package, entry.version
 
+    def blame(self, tb) -> Entry | None:
+        """The registration whose code raised, from a traceback: the innermost frame in a
+        plugin's module whose function is (or is defined inside) one of its callables."""
+        owners: dict[str, list[tuple[str, Entry]]] = {}
+        for entry in self.entries:
+            for value in vars(entry.item).values() if hasattr(entry.item, "__dict__") else ():
+                code = getattr(value, "__code__", None)
+                if code is not None and getattr(value, "__module__", None):
+                    owners.setdefault(code.co_filename, []).append((value.__qualname__, entry))
+        found = None
+        while tb is not None:
+            code = tb.tb_frame.f_code
+            for qualname, entry in owners.get(code.co_filename, ()):
+                own = code.co_qualname
+                if own == qualname or own.startswith(qualname + ".<locals>."):
+                    found = entry
+                    break
+            else:
+                if code.co_filename in owners and found is None:
+                    found = owners[code.co_filename][0][1]  # a helper in a plugin's module
+            tb = tb.tb_next
+        return found
+
     def get(self, kind: str, name: str) -> Any:
         """The plugin object of this kind called ``name``, or a UserError saying what exists."""
         entry = self._entry(kind, name)

@@ -479,6 +479,9 @@ def start_run(uri: str, experiment: str | None = None, run_name: str | None = No
     except KeyboardInterrupt:
         status = "KILLED"
         raise
+    except Exception as exc:  # the run says why it failed, not only the console
+        _record_error(run, exc)
+        raise
     finally:
         if status != "FINISHED":
             try:  # keep what was measured: the queued metrics still reach the store
@@ -486,6 +489,24 @@ def start_run(uri: str, experiment: str | None = None, run_name: str | None = No
             except Exception:
                 pass
         run.end(status)
+
+
+ERROR_TAG = "cifarx.error"
+
+
+def _record_error(run: Run, exc: BaseException):
+    """The error on the failed run: one line as the tag ``cifarx.error`` and, for anything
+    but bad input, the traceback as ``error.txt``. Never raises: the run must still end."""
+    import traceback
+
+    exc.cifarx_run = run.id  # the CLI points to the run's error.txt
+    try:
+        line = " ".join(f"{type(exc).__name__}: {exc}".split())[:4000]
+        run.set_tags({ERROR_TAG: line})
+        if not isinstance(exc, UserError):
+            run.log_text("".join(traceback.format_exception(exc)), "error.txt")
+    except Exception:
+        pass
 
 
 def requirements_for(model: nn.Module, extra: tuple[str, ...] = ()) -> list[str]:

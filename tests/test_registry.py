@@ -450,3 +450,47 @@ def test_origin_is_the_package_and_version_a_name_resolves_to(tmp_path, monkeypa
     assert package == "cifarx" and version
     with pytest.raises(UserError, match="unknown architecture 'nope'"):
         cat.origin("architecture", "nope")
+
+
+BROKEN_AUG = """
+    from cifarx import Augmentation, hookimpl
+
+    def explode(images, generator, **options):
+        raise RuntimeError("the shears slipped")
+
+    @hookimpl
+    def register_augmentations(register):
+        register(Augmentation(name="shear", stage="pixels", apply=explode, summary="broken"))
+"""
+
+
+def test_a_plugin_that_raises_during_training_is_named_in_one_line(tmp_path, monkeypatch,
+                                                                   data_dir):
+    """It was a 56-line traceback that named no plugin."""
+    from mlflow import MlflowClient
+    from typer.testing import CliRunner
+
+    from cifarx.cli import app
+    from cifarx.registry import set_registry
+
+    make_dist(tmp_path / "dist", "cifarx-shears", "shears_plugin", BROKEN_AUG, version="0.2")
+    activate(tmp_path / "dist", monkeypatch)
+    uri = f"sqlite:///{tmp_path}/m.db"
+    previous = set_registry(None)
+    try:
+        result = CliRunner().invoke(app, ["train", "--aug", "normalize,shear", "--iters", "2",
+                                          "--batch-size", "10", "--threads", "1",
+                                          "--data-dir", str(data_dir), "--tracking-uri", uri])
+    finally:
+        set_registry(previous)
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("cifarx: error: the augmentation plugin 'shear' of cifarx-shears 0.2 "
+                           "failed: RuntimeError: the shears slipped (the traceback is in run ")
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("cifarx").experiment_id])
+    assert run.info.status == "FAILED" and run.info.run_id in line
+    assert run.data.tags["cifarx.error"] == "RuntimeError: the shears slipped"
+    text = open(client.download_artifacts(run.info.run_id, "error.txt", str(tmp_path))).read()
+    assert "Traceback" in text and "in explode" in text
