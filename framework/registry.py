@@ -191,6 +191,19 @@ class Registry:
         self.pm.add_hookspecs(hookspecs)
         self.origins: dict[str, tuple[str, str]] = {}  # plugin name -> (package, version)
         self.load_problems: list[str] = []
+        # cifarx.testing's selection (the built-ins plus these plugins, nothing else
+        # installed), which worker processes rebuild: see portable()
+        self.selected: tuple[object, ...] | None = None
+
+    def portable(self) -> list | None:
+        """The testing selection in a form that pickles to another process (a module by its
+        name, an object as itself), or None when this registry loads what is installed."""
+        import types
+
+        if self.selected is None:
+            return None
+        return [("module", p.__name__) if isinstance(p, types.ModuleType) else ("object", p)
+                for p in self.selected]
 
     def register(self, plugin: object, name: str, package: str | None = None, version: str = ""):
         """Register a plugin object (a module, a class instance) under ``name``."""
@@ -317,6 +330,28 @@ def set_registry(new: Registry | None) -> Registry | None:
     global _registry
     previous, _registry = _registry, new
     return previous
+
+
+def selecting(plugins: list | tuple) -> Registry:
+    """A registry of the built-ins plus ``plugins`` (modules or objects) and nothing else
+    installed; :mod:`cifarx.testing` makes one, and a worker process rebuilds it from
+    :meth:`Registry.portable`."""
+    import importlib
+
+    registry = Registry()
+    registry.load_entry_points(allow=set())  # the built-ins, no third-party package
+    chosen = []
+    for plugin in plugins:
+        if isinstance(plugin, tuple):  # from portable()
+            kind, value = plugin
+            plugin = importlib.import_module(value) if kind == "module" else value
+        chosen.append(plugin)
+        name = getattr(plugin, "__name__", type(plugin).__name__)
+        if registry.pm.has_plugin(name):  # two objects of one class
+            name = f"{name}-{id(plugin)}"
+        registry.register(plugin, name=name)
+    registry.selected = tuple(chosen)
+    return registry
 
 
 def catalog() -> Catalog:

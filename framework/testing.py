@@ -50,6 +50,11 @@ and its tests, ``test_my_plugin.py``::
 
 An exception your plugin raises propagates out of ``run_cli`` with its traceback (pass
 ``catch_exceptions=True`` to get it as ``result.exception`` instead).
+
+Isolation: the selection reaches a sweep's worker processes too (the ``local`` executor
+rebuilds it in each worker: a plugin object must then pickle, i.e. its class be defined at a
+module's top level), and a run's artifacts go beside its SQLite store (``mlruns/`` next to
+the ``.db`` file), never into the folder the test runs in.
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
 
-from .registry import Registry, set_registry
+from .registry import Registry, selecting, set_registry
 
 
 @contextmanager
@@ -67,13 +72,7 @@ def use_plugins(*plugins: object) -> Iterator[Registry]:
     Each plugin is a module or an object with ``@hookimpl`` methods; it is listed under its
     ``__name__`` (or its class's name) as its package. Yields the registry.
     """
-    registry = Registry()
-    registry.load_entry_points(allow=set())  # the built-ins, no third-party package
-    for plugin in plugins:
-        name = getattr(plugin, "__name__", type(plugin).__name__)
-        if registry.pm.has_plugin(name):  # two objects of one class
-            name = f"{name}-{id(plugin)}"
-        registry.register(plugin, name=name)
+    registry = selecting(plugins)
     previous = set_registry(registry)
     try:
         yield registry
@@ -92,5 +91,7 @@ def run_cli(*args: str, plugins: Iterable[object] = (), **invoke: Any):
     from .cli import app  # imported here: `import cifarx.testing` stays light
 
     invoke.setdefault("catch_exceptions", False)
+    # a plugin's exception keeps its traceback here (the command line shows one line)
+    invoke["env"] = {"CIFARX_TRACEBACK": "1", **(invoke.get("env") or {})}
     with use_plugins(*plugins):
         return CliRunner().invoke(app, [str(a) for a in args], prog_name="cifarx", **invoke)

@@ -414,12 +414,24 @@ def _open(uri: str, experiment: str | None, run_name: str | None, parent: str | 
     return client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
 
 
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Where a new experiment of a SQLite store keeps its artifacts: beside the database, in
+    ``mlruns/<experiment>``. MLflow's default, ``./mlruns`` in whatever folder the process runs
+    in, scattered artifacts over the callers' folders (and a test's). None: the store decides."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix) or uri.endswith(":memory:"):
+        return None
+    folder = "".join(c if c.isalnum() or c in "-_." else "_" for c in experiment) or "_"
+    return (Path(uri[len(prefix):]).absolute().parent / "mlruns" / folder).as_uri()
+
+
 def _create_experiment(client, name: str) -> str:
     """Create an experiment; another process may create it first (a sweep's workers)."""
     from mlflow.exceptions import MlflowException
 
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, artifact_location=artifact_location(
+            client.tracking_uri, name))
     except MlflowException:
         found = client.get_experiment_by_name(name)
         if found is None:

@@ -66,8 +66,9 @@ def lost(trial: Trial, status: str, error: str) -> Outcome:
 
 # --- local: worker processes on this machine --------------------------------------------------
 
-def serve(conn, env: dict[str, str]):
-    """A worker: warm up once, then run each trial it is sent until it is sent None."""
+def serve(conn, env: dict[str, str], selection: list | None = None):
+    """A worker: warm up once, then run each trial it is sent until it is sent None.
+    ``selection``: cifarx.testing's choice of plugins, rebuilt here (None: what is installed)."""
     os.setpgrp()  # Ctrl-C reaches the sweep's process only; it interrupts the busy workers
     # a sweep started in the background inherits SIGINT ignored: the sweep's interrupt must work
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -75,6 +76,8 @@ def serve(conn, env: dict[str, str]):
     try:
         from cifarx import registry, runs  # noqa: F401  torch, MLflow and the plugins, once
 
+        if selection is not None:
+            registry.set_registry(registry.selecting(selection))
         registry.catalog()
         while (trial := conn.recv()) is not None:
             conn.send(run_trial(trial))
@@ -95,9 +98,12 @@ class Worker:
     """One worker process, and the trial it runs (None: idle)."""
 
     def __init__(self, context, env: dict[str, str]):
+        from cifarx.registry import registry
+
         self.env = env
         self.conn, theirs = context.Pipe()
-        self.process = context.Process(target=serve, args=(theirs, env), name="cifarx-worker")
+        self.process = context.Process(target=serve, args=(theirs, env, registry().portable()),
+                                       name="cifarx-worker")
         self.process.start()
         theirs.close()
         self.trial: Trial | None = None

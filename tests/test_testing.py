@@ -7,6 +7,7 @@ import textwrap
 import types
 
 import pytest
+from torch import nn
 
 import cifarx.registry as registry_module
 import cifarx.testing
@@ -150,3 +151,38 @@ def test_an_exception_in_a_plugin_propagates_unless_caught(catch):
     else:
         with pytest.raises(RuntimeError, match="boom in build"):
             run_cli("describe", "boom", plugins=[boom])
+
+
+class OnlyHere:
+    """A plugin no package installs: it exists only through cifarx.testing's selection."""
+
+    @hookimpl
+    def register_architectures(self, register):
+        register(Architecture(name="only-here", build=only_here_net, summary="tests only"))
+
+
+def only_here_net(num_classes=10, in_channels=3, image_size=32):
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size ** 2, num_classes))
+
+
+def test_the_selection_reaches_sweep_workers_and_artifacts_stay_beside_the_store(data_dir,
+                                                                                 tmp_path):
+    """The local executor's workers loaded whatever was installed (the trial failed: unknown
+    architecture), and run_cli wrote ./mlruns into the caller's folder."""
+    from mlflow import MlflowClient
+
+    from cifarx.testing import run_cli
+
+    uri = f"sqlite:///{tmp_path}/store/mlflow.db"
+    result = run_cli("sweep", "--set", "arch=only-here", "--set", "iters=2", "--set",
+                     "batch-size=10", "--set", f"data-dir={data_dir}", "--set", "threads=1",
+                     "--seeds", "2", "--workers", "2", "--tracking-uri", uri,
+                     "--experiment", "selection", plugins=[OnlyHere()])
+    assert result.exit_code == 0, result.output
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("selection").experiment_id])
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    assert len(trials) == 2 and all(r.info.status == "FINISHED" for r in trials)
+    assert not (tmp_path / "mlruns").exists()  # the test's own folder (the cwd) stays clean
+    assert all(r.info.artifact_uri.startswith((tmp_path / "store" / "mlruns").as_uri())
+               for r in runs)
