@@ -342,8 +342,17 @@ class Run:
         from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
         dataset = MetaDataset(source=LocalArtifactDatasetSource(source), name=name, digest=digest)
-        self.client.log_inputs(self.id, datasets=[DatasetInput(
-            dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])])
+        inputs = [DatasetInput(dataset._to_mlflow_entity(),
+                               tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])]
+        for attempt in range(5):
+            try:
+                return self.client.log_inputs(self.id, datasets=inputs)
+            except Exception as exc:
+                # Runs started together into one store race to register the same dataset: the
+                # loser's insert breaks the unique key. Once it exists, logging it again links it.
+                if attempt == 4 or not _unique_clash(exc):
+                    raise
+                time.sleep(0.1 * (attempt + 1))
 
     def _log_model(self, model: nn.Module, packages: list[str], recipe: Mapping[str, Any] | None,
                    example: Tensor | None, step: int, tags: Mapping[str, str],
@@ -501,6 +510,15 @@ def start_run(uri: str, experiment: str | None = None, run_name: str | None = No
             except Exception:
                 pass
         run.end(status)
+
+
+def _unique_clash(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it wraps) is a database's unique-constraint violation."""
+    while exc is not None:
+        if type(exc).__name__ == "IntegrityError" or "UNIQUE constraint failed" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 ERROR_TAG = "cifarx.error"

@@ -325,3 +325,34 @@ def test_sigterm_ends_the_run_killed_with_status_143(data_dir, tmp_path):
     assert "terminated (SIGTERM)" in process.stdout.read()
     (run,) = MlflowClient(uri).search_runs([found.experiment_id])
     assert run.info.status == "KILLED" and "train/loss" in run.data.metrics
+
+
+def test_a_dataset_registered_by_another_run_at_the_same_moment_fails_no_run(data_dir, tmp_path,
+                                                                            monkeypatch):
+    """6 trainings started at once into a new store: one ended FAILED with IntegrityError
+    (UNIQUE constraint failed: datasets...) when the others registered the same dataset first.
+    The race is simulated: the first insert fails as the loser's did."""
+    import mlflow
+    from sqlalchemy.exc import IntegrityError
+
+    from cifarx.config import TrainConfig
+    from cifarx.runs import Tracking, train_run
+
+    real = mlflow.MlflowClient.log_inputs
+    raised = []
+
+    def lose_the_race(self, run_id, datasets=None, models=None):
+        if not raised:
+            raised.append(1)
+            raise mlflow.exceptions.MlflowException("(sqlite3.IntegrityError) UNIQUE constraint "
+                                                    "failed: datasets.experiment_id, name, "
+                                                    "digest") from IntegrityError("", {}, None)
+        return real(self, run_id, datasets=datasets, models=models)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "log_inputs", lose_the_race)
+    uri = f"sqlite:///{tmp_path}/m.db"
+    done = train_run(TrainConfig(data_dir=str(data_dir), iters=2, batch_size=10, device="cpu",
+                                 threads=1), Tracking(uri, "race"))
+    run = mlflow.MlflowClient(uri).get_run(done.run_id)
+    assert raised and run.info.status == "FINISHED"
+    assert {d.dataset.name for d in run.inputs.dataset_inputs}
