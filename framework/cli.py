@@ -7,6 +7,7 @@ it runs.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -50,6 +51,15 @@ def command(fn):
         except KeyboardInterrupt:
             typer.echo("cifarx: interrupted", err=True)
             raise typer.Exit(130) from None
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            run = getattr(exc, "cifarx_run", None)
+            typer.echo(f"cifarx: error: the disk is full (writing {exc.filename or 'a file'}): "
+                       "free some space and run again"
+                       + (f"; run {run} ended FAILED with what it had logged" if run else ""),
+                       err=True)
+            raise typer.Exit(1) from None
         except Exception as exc:  # a plugin's own failure: name it; a bug of cifarx: traceback
             from .registry import catalog
 

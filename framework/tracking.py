@@ -509,7 +509,19 @@ def start_run(uri: str, experiment: str | None = None, run_name: str | None = No
                 run.wait()
             except Exception:
                 pass
-        run.end(status)
+        _end(run, status)
+
+
+def _end(run: Run, status: str, attempts: int = 3):
+    """End the run, trying again a little later: a run that could not be ended stays RUNNING
+    for good (a full disk: the failed write's temporary files are removed by then)."""
+    for attempt in range(attempts):
+        try:
+            return run.end(status)
+        except Exception:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(1.0)
 
 
 def _unique_clash(exc: BaseException) -> bool:

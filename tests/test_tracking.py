@@ -356,3 +356,43 @@ def test_a_dataset_registered_by_another_run_at_the_same_moment_fails_no_run(dat
     run = mlflow.MlflowClient(uri).get_run(done.run_id)
     assert raised and run.info.status == "FINISHED"
     assert {d.dataset.name for d in run.inputs.dataset_inputs}
+
+
+def test_a_full_disk_while_the_model_is_saved_ends_the_run_failed_in_one_line(data_dir,
+                                                                              tmp_path,
+                                                                              monkeypatch):
+    """It was a chained traceback and a run left RUNNING for good. The full disk is simulated:
+    the weights file cannot be written (ENOSPC), and the first attempt to end the run fails
+    as a write to a full disk does."""
+    import errno
+
+    import mlflow
+    from typer.testing import CliRunner
+
+    from cifarx import tracking, weights
+    from cifarx.cli import app
+
+    def full(model, recipe, folder):
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder / "weights.safetensors"))
+
+    real_end, ends = tracking.Run.end, []
+
+    def end_once_failing(self, status):
+        ends.append(status)
+        if len(ends) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_end(self, status)
+
+    monkeypatch.setattr(weights, "save", full)
+    monkeypatch.setattr(tracking.Run, "end", end_once_failing)
+    uri = f"sqlite:///{tmp_path}/m.db"
+    result = CliRunner().invoke(app, ["train", "--iters", "2", "--batch-size", "10", "--threads",
+                                      "1", "--data-dir", str(data_dir), "--tracking-uri", uri])
+    assert result.exit_code == 1, result.output
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("cifarx:")]
+    assert line.startswith("cifarx: error: the disk is full (writing ") and \
+        "weights.safetensors" in line and "ended FAILED" in line
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("cifarx").experiment_id])
+    assert run.info.status == "FAILED" and ends == ["FAILED", "FAILED"]
+    assert "No space left on device" in run.data.tags["cifarx.error"]
