@@ -47,10 +47,12 @@ class AnalysisPlan:
         return [("analysis", name) for name in self.names]
 
     def params(self) -> dict[str, Any]:
-        """``analyses`` and every option as ``analysis.<name>.<option>`` (unset ones left out)."""
+        """``analyses`` and every option set as ``analysis.<name>.<option>``; the unset ones
+        are logged once the analysis ran, as it resolved them (:func:`log`)."""
         found = {"analyses": ",".join(self.names)}
         for name, values in self.options.items():
-            found.update(opts.params(f"analysis.{name}", values))
+            found.update({k: v for k, v in opts.params(f"analysis.{name}", values).items()
+                          if v != opts.UNSET})
         return found
 
 
@@ -179,16 +181,23 @@ def run(plan: AnalysisPlan, model: nn.Module, data: AnalysisData, run: Run,
         if not isinstance(findings, Findings):
             raise TypeError(f"analysis {analysis.name} returned {type(findings).__name__}, "
                             "not Findings")
-        log(run, analysis.name, findings, seconds, step)
+        unset = {k: v for k, v in plan.options[analysis.name].items() if v is None or v == ""}
+        log(run, analysis.name, findings, seconds, step, unset)
         found[analysis.name] = findings
         if on_done is not None:
             on_done(analysis.name, findings, seconds)
     return found
 
 
-def log(run: Run, name: str, findings: Findings, seconds: float, step: int = 0):
-    """Metrics, ``figures/<name>.png`` and the files of one analysis."""
+def log(run: Run, name: str, findings: Findings, seconds: float, step: int = 0,
+        unset: Mapping[str, Any] | None = None):
+    """Metrics, ``figures/<name>.png`` and the files of one analysis; its ``unset`` options as
+    params, with the values the analysis resolved them to (``findings.resolved``)."""
     import matplotlib.pyplot as plt
+
+    if unset:
+        run.log_params(opts.params(f"analysis.{name}", {
+            k: findings.resolved.get(k, v) for k, v in unset.items()}))
 
     now = int(time.time() * 1000)
     run.log_points([(key, float(value), step, now) for key, value in findings.metrics.items()]

@@ -241,11 +241,14 @@ def reword(error: OptionError, label: Callable[[str], str], values: Mapping[str,
     return UserError(f"{label(error.option)}{shown}: {error.message}")
 
 
+UNSET = "(not set)"  # an option left unset: the plugin's documented default behaviour
+
+
 def params(prefix: str, values: Mapping[str, Any]) -> dict[str, Any]:
-    """Resolved options as MLflow params ``<prefix>.<name>``; options left unset (None or
-    empty text) are left out."""
-    return {f"{prefix}.{name}": show(value) for name, value in values.items()
-            if value is not None and value != ""}
+    """Every resolved option as the MLflow param ``<prefix>.<name>``; one left unset (None or
+    empty text) as ``(not set)``, so that a run lists every option it used."""
+    return {f"{prefix}.{name}": UNSET if value is None or value == "" else show(value)
+            for name, value in values.items()}
 
 
 def describe(declared: Mapping[str, Option]) -> list[tuple[str, str, str, str]]:

@@ -289,13 +289,15 @@ class Findings:
     confusion matrix ``test/...``). ``files``: ``{artifact path: content}``: for a ``.pt`` path
     a dict of tensors (saved with ``torch.save``; ``torch.load(path, weights_only=True)`` reads
     it back), for ``.json`` a dict or list, for ``.png`` a matplotlib figure, else text.
-    ``summary``: one line for the console.
+    ``summary``: one line for the console. ``resolved``: what the analysis chose for options
+    left unset (``{"layer": "conv4"}``), logged as their params.
     """
 
     figure: Any = None
     metrics: Mapping[str, float] = field(default_factory=dict)
     files: Mapping[str, Any] = field(default_factory=dict)
     summary: str = ""
+    resolved: Mapping[str, Any] = field(default_factory=dict)  # unset options, as chosen
 
 
 @dataclass(frozen=True)

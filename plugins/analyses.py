@@ -265,7 +265,9 @@ def analyze_attribution(name: str, maps: Callable[..., Tensor], model: nn.Module
         summary += (f"; sanity: Spearman {full:.2f} against the randomized model, "
                     f"{'passed' if full < SANITY_THRESHOLD else 'FAILED'} (below "
                     f"{SANITY_THRESHOLD} passes)")
-    return Findings(figure=figure, metrics=metrics, files=files, summary=summary)
+    resolved = {"layer": feature_layer(model, "")[0]} if values.get("layer") == "" else {}
+    return Findings(figure=figure, metrics=metrics, files=files, summary=summary,
+                    resolved=resolved)
 
 
 def check_grad_cam(model: nn.Module, data: AnalysisData, layer: str = "", sanity: bool = False):
@@ -616,7 +618,7 @@ def embedding(model: nn.Module, data: AnalysisData, k: int = 5, perplexity: floa
                                           "indices": data.indices,
                                           "labels": data.labels.cpu()}},
         summary=f"{k}-NN accuracy of {found.shape[1]} features of {where}: {knn:.1%} "
-                f"({n} images)")
+                f"({n} images)", resolved={} if layer else {"layer": "the last layer's input"})
 
 
 def first_conv(model: nn.Module, layer: str = "") -> tuple[str, nn.Module]:
@@ -659,7 +661,8 @@ def filters(model: nn.Module, data: AnalysisData, layer: str = "") -> Findings:
         _panel(ax, image)
     fig.suptitle(f"{name}: {len(shown)} filters {tuple(conv.weight.shape[1:])}", fontsize=9)
     fig.tight_layout()
-    return Findings(figure=fig, summary=f"{len(shown)} filters of {name}")
+    return Findings(figure=fig, summary=f"{len(shown)} filters of {name}",
+                    resolved={} if layer else {"layer": name})
 
 
 # --- registration -------------------------------------------------------------------------

@@ -400,3 +400,32 @@ def test_describe_lists_an_analysis_options():
     done = run_cli("describe", "analysis", "grad-cam")
     assert done.exit_code == 0, done.output
     assert "--analysis-opt grad-cam.NAME=VALUE" in done.stdout and "sanity" in done.stdout
+
+
+def test_every_option_an_analysis_used_is_a_param_with_unset_ones_as_resolved(data_dir,
+                                                                              tmp_path):
+    """An analyze run with grad-cam did not say which layer it used (an unset option was left
+    out of the params)."""
+    from mlflow import MlflowClient
+    from typer.testing import CliRunner
+
+    from cifarx.cli import app
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    runner = CliRunner()
+    trained = runner.invoke(app, ["train", "--arch", "table1", "--iters", "2", "--batch-size",
+                                  "10", "--threads", "1", "--data-dir", str(data_dir),
+                                  "--probe", "grad-max", "--tracking-uri", uri])
+    assert trained.exit_code == 0, trained.output
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("cifarx").experiment_id])
+    assert run.data.params["probe.grad-max.first"] == "(not set)"  # was missing
+    result = runner.invoke(app, ["analyze", "--model", f"runs:/{run.info.run_id}/model",
+                                 "--analysis", "grad-cam,filters", "--images", "10",
+                                 "--data-dir", str(data_dir), "--tracking-uri", uri])
+    assert result.exit_code == 0, result.output
+    analyzed = [r for r in client.search_runs([client.get_experiment_by_name(
+        "cifarx").experiment_id]) if r.info.run_id != run.info.run_id][0]
+    assert analyzed.data.params["analysis.grad-cam.layer"] == "conv3"
+    assert analyzed.data.params["analysis.grad-cam.sanity"] == "false"
+    assert analyzed.data.params["analysis.filters.layer"] == "conv1"
