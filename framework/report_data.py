@@ -124,11 +124,21 @@ def group_runs(records: list[RunRecord]) -> list[Group]:
     return groups
 
 
+def param_of(key: str) -> str:
+    """A study's key (``batch-size``, ``arch-opt.width``, ``aug-opt.crop.pad``) as the param a
+    run logs (``batch_size``, ``arch.width``, ``aug.crop.pad``); a param name stays as it is."""
+    head, dot, rest = key.partition(".")
+    if head.endswith("-opt"):
+        head = head[:-len("-opt")]
+    return head.replace("-", "_") + dot + rest
+
+
 def find_baseline(groups: list[Group], baseline: Mapping[str, Any]) -> Group:
-    """The one configuration whose params match ``baseline`` (name -> value as written)."""
+    """The one configuration whose params match ``baseline`` (name -> value as written; a
+    study's keys or the params' names)."""
     def matches(group: Group) -> bool:
         params = {**configuration_of(group.runs[0] if group.runs else group.failed[0])}
-        return all(name in params and same_value(value, params[name])
+        return all(param_of(name) in params and same_value(value, params[param_of(name)])
                    for name, value in baseline.items())
 
     found = [g for g in groups if matches(g)]

@@ -42,7 +42,7 @@ from .errors import UserError
 
 TOP_KEYS = {"experiment", "seeds", "search", "trials", "search-seed", "metric", "direction",
             "executor", "train", "grid", "random", "configurations", "pruner", "pruner-startup",
-            "pruner-warmup"}
+            "pruner-warmup", "baseline"}
 SEARCHES = ("grid", "random", "tpe")
 PRUNERS = ("median", "none")
 PRUNER_STARTUP = 5  # configurations that complete before the median pruner prunes any
@@ -74,6 +74,8 @@ class Study:
     random: Mapping[str, Mapping[str, list]] = field(default_factory=dict)
     configurations: tuple[Mapping[str, Any], ...] = ()  # listed one by one
     executor: Mapping[str, Any] = field(default_factory=dict)  # name= and its options
+    # the control every configuration is compared with (cifarx report): axis -> value
+    baseline: Mapping[str, Any] = field(default_factory=dict)
     source: str = ""  # the file's text, logged with the sweep
 
     def as_dict(self) -> dict[str, Any]:
@@ -132,7 +134,8 @@ def from_dict(raw: Mapping[str, Any], where: str = "study", source: str = "") ->
         random=flatten(raw.get("random", {}), where, "random", leaves_are_tables=True),
         configurations=tuple(flatten(point, where, "[configurations]")
                              for point in _tables(raw.get("configurations", []), where)),
-        executor=dict(executor), source=source)
+        executor=dict(executor), baseline=flatten(raw.get("baseline", {}), where, "baseline"),
+        source=source)
     check(study, where)
     return study
 
@@ -221,6 +224,14 @@ def check(study: Study, where: str):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                                   or value < 0):
             raise UserError(f"{where}: {key} = {value!r}; accepted: a whole number >= 0")
+    axes = axes_of(study)
+    for key, value in study.baseline.items():
+        if key not in axes:
+            raise UserError(f"{where}: baseline {key} = {value!r}: {key} is not swept; the "
+                            f"axes are {', '.join(axes) or 'none'}")
+        if key in study.grid and value not in study.grid[key]:
+            raise UserError(f"{where}: baseline {key} = {value!r} is not one of the grid's "
+                            f"values {study.grid[key]!r}")
     if study.direction not in ("maximize", "minimize"):
         raise UserError(f"{where}: direction = {study.direction!r}; accepted: maximize, minimize")
 
@@ -405,6 +416,8 @@ def raw_of(study: Study) -> dict[str, Any]:
            "direction": study.direction, "train": dict(study.train), "grid": dict(study.grid),
            "random": dict(study.random), "executor": dict(study.executor),
            "configurations": [dict(p) for p in study.configurations]}
+    if study.baseline:
+        raw["baseline"] = dict(study.baseline)
     if study.trials is not None:
         raw["trials"] = study.trials
     if study.pruner is not None:

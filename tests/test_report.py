@@ -229,3 +229,28 @@ def test_a_reproduction_run_again_repeats_nothing(data_dir, tmp_path):
     md = (tmp_path / "out" / "assignment.md").read_text()
     for number in ("1.1", "1.2", "1.3", "1.4", "2.1", "2.2", "2.3", "2.4", "3.1", "3.2"):
         assert f"## {number} " in md
+
+
+def test_a_study_names_its_baseline_and_the_report_uses_it(data_dir, tmp_path):
+    study = tmp_path / "study.toml"
+    study.write_text(f'experiment = "based"\nseeds = 2\nbaseline = {{lr = 0.05}}\n[train]\n'
+                     f'iters = 4\nbatch-size = 10\nthreads = 1\ndata-dir = "{data_dir}"\n'
+                     '[grid]\nlr = [0.05, 0.1]\n')
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert cli("sweep", study, "--workers", "1", "--tracking-uri", uri).exit_code == 0
+    client = MlflowClient(uri)
+    (parent,) = [r for r in client.search_runs([client.get_experiment_by_name(
+        "based").experiment_id]) if r.data.tags.get("cifarx.sweep") == "true"]
+    result = cli("report", "--sweep", parent.info.run_id, "--out", tmp_path / "r",
+                 "--tracking-uri", uri)
+    assert result.exit_code == 0, result.output
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "against the baseline **lr=0.05**" in md and "| baseline |" in md
+    bad = tmp_path / "bad.toml"
+    bad.write_text(study.read_text().replace("lr = 0.05}", "lr = 0.2}"))
+    result = cli("sweep", bad, "--dry-run", "--tracking-uri", uri)
+    assert result.exit_code == 2 and "baseline lr = 0.2 is not one of the grid's values" in \
+        result.stderr
+    bad.write_text(study.read_text().replace("{lr = 0.05}", "{iters = 4}"))
+    result = cli("sweep", bad, "--dry-run", "--tracking-uri", uri)
+    assert result.exit_code == 2 and "iters is not swept" in result.stderr
