@@ -203,11 +203,13 @@ def sweep_table(ranked: list[dict[str, Any]], axes: list[str], metric: str):
                   title=f"configurations by {metric}")
     for row in ranked:
         same = row["same_as_best"]
-        table.add_row(str(row["rank"]), *(show(row.get(a)) for a in axes),
+        table.add_row("-" if row["rank"] is None else str(row["rank"]),
+                      *(show(row.get(a)) for a in axes),
                       str(row[f"{metric}_n"]), fmt(row[f"{metric}_mean"]),
                       fmt(row[f"{metric}_std"]),
                       f"{fmt(row[f'{metric}_ci_low'])} to {fmt(row[f'{metric}_ci_high'])}",
                       "-" if math.isnan(row["p_vs_best"]) else f"{row['p_vs_best']:.3f}",
-                      "best" if row["rank"] == 1 else "?" if same is None else
+                      "best" if row["rank"] == 1 else "-" if row["rank"] is None else
+                      "?" if same is None else
                       ("yes" if same else "[red]no[/]"))
     return table

@@ -133,7 +133,9 @@ def rank(summary: list[Mapping[str, Any]], metric: str, direction: str = "maximi
     best's; NaN for the best itself and when either has n < 2) and ``same_as_best`` (True for the
     best and when p_vs_best >= alpha, False when below, None when it cannot be tested).
 
-    Configurations with no value for ``metric`` (n == 0) come last; ties keep summary order.
+    Only configurations with two or more values are ranked (``rank`` 1..): one value cannot be
+    told from its noise, so a single lucky seed is never "best". Those with one value follow,
+    unranked (``rank`` None), then those with none; ties keep summary order.
     """
     if direction not in ("maximize", "minimize"):
         raise ValueError(f"direction must be 'maximize' or 'minimize', got {direction!r}")
@@ -144,17 +146,21 @@ def rank(summary: list[Mapping[str, Any]], metric: str, direction: str = "maximi
 
     def key(item):
         position, row = item
-        mean = row[f"{metric}_mean"]
-        return (0, sign * mean, position) if math.isfinite(mean) else (1, 0.0, position)
+        mean, n = row[f"{metric}_mean"], row[f"{metric}_n"]
+        group = 0 if n >= 2 else 1 if math.isfinite(mean) else 2
+        return (group, sign * mean if group < 2 else 0.0, position)
 
     ordered = [row for _, row in sorted(enumerate(rows), key=key)]
     if not ordered:
         return []
     best = _values_of(ordered[0], metric)
     for position, row in enumerate(ordered, 1):
-        row["rank"] = position
-        if position == 1:
+        row["rank"] = position if row[f"{metric}_n"] >= 2 else None
+        if position == 1 and row["rank"] is not None:
             row["p_vs_best"], row["same_as_best"] = NAN, True
+            continue
+        if row["rank"] is None:
+            row["p_vs_best"], row["same_as_best"] = NAN, None
             continue
         p = _welch_p(_values_of(row, metric), best)
         row["p_vs_best"] = p
@@ -208,9 +214,13 @@ def verdict(ranked: list[Mapping[str, Any]], metric: str, alpha: float = 0.05) -
         return (f"Only one configuration ({_name(best)}) has values of {metric}: "
                 "nothing to compare.")
     if best[f"{metric}_n"] < 2:
-        return (f"The best configuration by {metric} ({_name(best)}) has a single seed, so no "
-                "difference can be tested; run at least 2 seeds per configuration (5 or more for "
-                "a useful test).")
+        return (f"No configuration has 2 values of {metric}, so no difference can be "
+                "tested and none is ranked; each needs at least 2 finished seeds (5 or more "
+                "for a useful test).")
+    compared = [row for row in compared if row[f"{metric}_n"] >= 2]
+    if len(compared) == 1:
+        return (f"Only one configuration ({_name(best)}) has 2 or more values of {metric}: "
+                "nothing to compare.")
     others = compared[1:]
     same = sum(1 for row in others if row.get("same_as_best") is True)
     untested = sum(1 for row in others if row.get("same_as_best") is None)

@@ -202,7 +202,7 @@ def remote_workers(executor: str, options: dict[str, Any]) -> bool:
 
 
 def trial_name(axes: dict[str, Any], seed: int) -> str:
-    return " ".join(f"{k}={show(v)}" for k, v in axes.items()) + f" seed={seed}"
+    return " ".join([*(f"{k}={show(v)}" for k, v in axes.items()), f"seed={seed}"])
 
 
 def find_sweep(uri: str, experiment: str, sweep_digest: str) -> str | None:
@@ -507,6 +507,14 @@ def summarize(sweep: SweepPlan, run, outcomes: list[Outcome], earlier: dict,
     summary = stats.summarize(rows, metrics) if rows else []
     ranked = stats.rank(summary, study.metric, study.direction) if summary else []
     verdict = stats.verdict(ranked, study.metric) if ranked else "no trial finished"
+    done_keys = {t.key for t, _, _ in finished} | {o.trial.key for o in outcomes
+                                                    if o.status == "PRUNED"}
+    missing = [t for t in sweep.trials if t.key not in done_keys] if not sweep.search else []
+    if missing:  # say which seeds the statistics lack, and how to get them
+        shown = "; ".join(trial_name(t.axes, t.config.seed) for t in missing[:6])
+        more = f" and {len(missing) - 6} more" if len(missing) > 6 else ""
+        verdict += (f" Missing {len(missing)} trial(s): {shown}{more}; `cifarx sweep --resume "
+                    f"{run.id}` runs them again.")
     failed = [o for o in outcomes if o.status not in ("FINISHED", "PRUNED")]
     pruned = [o for o in outcomes if o.status == "PRUNED"]
     public = stats.to_json(summary)

@@ -140,9 +140,14 @@ def test_rank_cannot_test_single_seeds_and_puts_missing_last():
     rows.append({"config": "f", "axes": {"lr": 3.0, "aug": "none"}, "seed": 0,
                  "metrics": {"test/acc": 0.99}})
     ranked = stats.rank(stats.summarize(rows, ["test/acc"]), "test/acc")
-    assert ranked[0]["config"] == "f" and ranked[0]["same_as_best"] is True
-    assert all(r["same_as_best"] is None for r in ranked[1:])
-    assert "single seed" in stats.verdict(ranked, "test/acc")
+    # a single lucky seed is not ranked, let alone best (issue 21: n=1 was ranked "best")
+    assert [r["config"] for r in ranked] == ["a", "b", "c", "f", "d", "e"]
+    assert [r["rank"] for r in ranked] == [1, 2, 3, None, None, None]
+    assert ranked[3]["same_as_best"] is None
+    only_single = [r for r in rows if r["config"] in ("d", "e", "f")]
+    ranked = stats.rank(stats.summarize(only_single, ["test/acc"]), "test/acc")
+    assert all(r["rank"] is None for r in ranked)
+    assert "none is ranked" in stats.verdict(ranked, "test/acc")
 
 
 def test_rank_needs_summarize_rows():

@@ -93,6 +93,9 @@ def test_a_diverging_trial_fails_alone_and_is_reported(swept):
     assert all("cifarx.diverged_at" in r.data.tags for r in failed)
     assert len(parent.data.tags["cifarx.failed_trials"].split(",")) == 2
     assert "FAILED" in result.output and "training diverged" in result.output
+    # the statistics say which seeds they lack, and how to get them (issue 21)
+    assert (f"Missing 2 trial(s): lr=1e12 seed=0; lr=1e12 seed=1; `cifarx sweep --resume "
+            f"{parent.info.run_id}` runs them again.") in " ".join(result.output.split())
 
 
 def test_the_summary_matches_a_hand_computation(swept):
