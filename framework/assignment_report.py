@@ -46,6 +46,10 @@ def pts(x: float) -> str:
     return "-" if not math.isfinite(x) else f"{x * 100:+.2f} points"
 
 
+def p_is(p: float) -> str:
+    return "p < 0.0001" if p < 1e-4 else f"p = {p:.4f}"
+
+
 def _values(group: Group, metric: str = ACC) -> dict[int, float]:
     return {r.seed: r.metrics[metric] for r in group.runs if metric in r.metrics}
 
@@ -128,8 +132,8 @@ def part1(groups: list[Group], figures) -> list[Section]:
                        "a real loss" if t.significant else "not distinguishable from zero")
             if t.test:
                 s.answer.append(f"Against {before}: {pts(t.difference)} (95% interval "
-                                f"{pts(t.ci_low)} to {pts(t.ci_high)}), {t.test} t-test p = "
-                                f"{p:.4f} after Holm's correction over the three steps: "
+                                f"{pts(t.ci_low)} to {pts(t.ci_high)}), {t.test} t-test "
+                                f"{p_is(p)} after Holm's correction over the three steps: "
                                 f"{verdict}.")
                 gain, none = why[number]
                 s.answer.append(f"Why: {gain}." if t.significant and t.difference > 0 else
@@ -223,7 +227,7 @@ def part2(groups: list[Group], figures) -> list[Section]:
                  if len(values) >= 2 else math.nan)
     s.answer.append(f"Final test accuracy {pct(mean)} +- {std * 100:.2f} over {len(values)} "
                     f"seeds (95% interval {pct(low)} to {pct(high)}). One-sided t-test that the "
-                    f"mean exceeds 68%: p = {one_sided:.4g}: the goal is "
+                    f"mean exceeds 68%: {p_is(one_sided)}: the goal is "
                     + ("reached." if one_sided < 0.05 else "not shown reached at this length."))
     table = _layers("convonly")
     if table:
@@ -261,7 +265,9 @@ def part2(groups: list[Group], figures) -> list[Section]:
     s = Section("2.4", "The fix: identity skips (`--arch residual`)", "Solve it without "
                 "removing a conv or adding BatchNorm; explain why it works.")
     res_mean = _summary(_values(res))[0]
-    s.answer.append(f"Each pair of the extra convolutions gets an identity skip (x + f(x)). "
+    s.answer.append(f"Each of the 20 extra convolutions gets an identity skip, x + s*relu(conv(x)) "
+                    f"with a learnable s starting at 0 (ReZero: each block starts as the "
+                    f"identity). "
                     f"Training accuracy at the end {pct(train['2.4'])} (plain20 "
                     f"{pct(train['2.3'])}), test accuracy {pct(res_mean)} (plain20 "
                     f"{pct(plain_mean)}); G of the first conv {g_first['2.4']:.3g}, "
@@ -351,7 +357,9 @@ def build(uri: str, done: Done, protocol: Protocol, seconds: float | None = None
              f"{done.sweeps['part1']}, part 2 {done.sweeps['part2']}; attacks "
              f"{', '.join(done.attacks.values())}; transfer {done.transfer}.")
     if seconds is not None:
-        intro += f" This invocation took {seconds / 60:.1f} minutes."
+        intro += f" This invocation took {seconds / 60:.1f} minutes" + (
+            f" (it reused what earlier ones finished: {', '.join(done.reused)} and the "
+            "sweeps' trials)." if done.reused else ".")
     return intro, sections
 
 

@@ -85,8 +85,8 @@ def report(
 
 @command
 def reproduce(
-    what: Annotated[str, typer.Argument(metavar="assignment",
-                                        help="What to reproduce: assignment (CIS680's parts 1-3).")],
+    what: Annotated[str, typer.Argument(
+        metavar="assignment", help="What to reproduce: assignment (CIS680's parts 1-3).")],
     quick: Annotated[bool, typer.Option(
         "--quick", help="The reduced protocol: 2 seeds of 300 iterations (about 12 minutes "
         "on 2 CPU cores) instead of 5 seeds of 2,000.")] = False,

@@ -168,7 +168,8 @@ def build(source: str, records: list[RunRecord], study: Mapping[str, Any] | None
     finished = [r for g in groups for r in g.runs]
     shared = _shared(finished)
     protocol = [(k, v) for k, v in shared.items() if k not in ENVIRONMENT]
-    report = Report(title or f"cifarx report: {source}", source, metric, direction, alpha, confidence,
+    report = Report(title or f"cifarx report: {source}", source, metric, direction, alpha,
+                    confidence,
                     correction, control.label if control else None, protocol,
                     _environment(finished), groups, tables, [])
     from . import figures

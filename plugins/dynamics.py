@@ -140,7 +140,8 @@ def heatmap(history: History, prefix: str, title: str, label: str, log: bool = T
     for i, name in enumerate(layers):
         for s, v in history[prefix + name]:
             grid[i, column[s]] = v
-    fig, ax = plt.subplots(figsize=(max(7.0, 0.12 * len(steps) + 3), max(3.5, 0.25 * len(layers) + 1.5)))
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.12 * len(steps) + 3),
+                                    max(3.5, 0.25 * len(layers) + 1.5)))
     finite = grid[torch.isfinite(grid) & (grid > 0)] if log else grid[torch.isfinite(grid)]
     norm = (colors.LogNorm(vmin=float(finite.min()), vmax=float(finite.max()))
             if log and finite.numel() and float(finite.min()) < float(finite.max()) else None)
