@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from mlflow import MlflowClient
 
-from cifarx import Attack, AttackResult, Augmentation, UserError, hookimpl
+from cifarx import Attack, AttackResult, Augmentation, Option, UserError, hookimpl
 from cifarx.adversarial import check_training_attack, perturb
 from cifarx.config import TrainConfig, plan
 from cifarx.data import TrainingImages
@@ -112,7 +112,7 @@ class Marking:
                 return AttackResult(torch.full_like(images, value),
                                     torch.ones_like(labels), labels % 2 == 0)
             return attack
-        register(Attack(name="test-grey", build=build, options={"value": 0.5}))
+        register(Attack(name="test-grey", build=build, options={"value": Option(0.5, float)}))
 
     @hookimpl
     def register_augmentations(self, register):
@@ -175,7 +175,7 @@ def test_ratio_params_and_defaults(data_dir):
     # ... and the params show them as the user would type them, unset ones left out.
     assert math.isclose(float(params["attack.eps"]), 4 / 255, rel_tol=1e-5)
     assert params["attack.steps"] == "10" and params["attack.random_start"] == "true"  # defaults
-    assert "attack.target" not in params
+    assert params["attack.target"] == "(not set)"  # every option is a param
     assert plan(quick(data_dir, adv_train="fgsm")).adv_per_batch == 10  # half by default
     assert plan(quick(data_dir, adv_train="fgsm", adv_ratio=0.025)).adv_per_batch == 1  # 0.5 up
     plain = plan(quick(data_dir)).params()

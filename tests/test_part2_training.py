@@ -34,7 +34,7 @@ def test_options_are_resolved_with_their_defaults_and_logged_as_params(data_dir)
     params = p.params()
     assert params["arch.activation"] == "silu" and params["arch.init"] == "default"
     assert params["probe.grad-norm.stride"] == "2" and params["probe.grad-max.first"] == "conv2"
-    assert "probe.grad-max.last" not in params  # unset free text is left out
+    assert params["probe.grad-max.last"] == "(not set)"  # unset: the plugin chooses
     assert "arch_options" not in params and "probe_options" not in params
     assert plan(p.config).config == p.config  # resolving again changes nothing
 
