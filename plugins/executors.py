@@ -287,6 +287,20 @@ def check_ray(trials: list[Trial], address: str = "", trial_cpus: float = 1.0,
             exc.strerror or str(exc)
         raise error(f"nothing answers at {host}:{port} ({why}); start the cluster "
                     "(`ray start --head`) or correct the address") from None
+    # Something accepts the connection; a Ray head (GCS) and a Ray Client server speak gRPC.
+    # Anything else (a web server, a silent listener) would leave ray.init waiting minutes.
+    import grpc
+
+    channel = grpc.insecure_channel(f"{host}:{port}")
+    try:
+        grpc.channel_ready_future(channel).result(timeout=PROBE_SECONDS)
+    except grpc.FutureTimeoutError:
+        raise error(f"{host}:{port} accepts connections but does not answer as Ray does (no "
+                    f"gRPC handshake within {PROBE_SECONDS:g} s): is it the head's address "
+                    "(`ray start --head` prints it) or a Ray Client's ray://HOST:10001?"
+                    ) from None
+    finally:
+        channel.close()
 
 
 def connection_problem(exc: Exception) -> str:

@@ -147,6 +147,47 @@ def test_ray_check_fails_fast_and_says_why(make_trials, monkeypatch):
         check(trials)
 
 
+def test_an_address_that_accepts_tcp_but_is_not_ray_is_one_line_within_seconds(
+        data_dir, tmp_path):
+    """A silent listener left `cifarx sweep` stuck for 5+ minutes with its run open."""
+    pytest.importorskip("ray")
+    import threading
+
+    from typer.testing import CliRunner
+
+    from cifarx.cli import app
+
+    server, accepted = socket.socket(), []
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    threading.Thread(target=lambda: [accepted.append(server.accept()) for _ in range(8)],
+                     daemon=True).start()  # accepts, and never says a word
+    port = server.getsockname()[1]
+    start = time.monotonic()
+    result = CliRunner().invoke(app, [
+        "sweep", "--set", "iters=2", "--set", f"data-dir={data_dir}", "--executor", "ray",
+        "--executor-opt", f"address=127.0.0.1:{port}", "--tracking-uri",
+        f"sqlite:///{tmp_path}/m.db"])
+    seconds = time.monotonic() - start
+    server.close()
+    assert result.exit_code == 2, result.output
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("cifarx:")]
+    assert f"127.0.0.1:{port} accepts connections but does not answer as Ray does" in line
+    assert seconds < 30 and accepted and not (tmp_path / "m.db").exists()
+
+
+def test_a_real_ray_head_passes_the_probe(make_trials, monkeypatch):
+    ray = pytest.importorskip("ray")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False)
+    try:
+        gcs = ray.get_runtime_context().gcs_address
+        host, port = gcs.rsplit(":", 1)
+        executor("ray").check(make_trials("ray", {}), address=f"127.0.0.1:{port}")
+    finally:
+        ray.shutdown()
+
+
 def test_ray_runs_trials_on_a_local_ray(make_trials, monkeypatch):
     ray = pytest.importorskip("ray")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
