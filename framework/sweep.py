@@ -41,6 +41,7 @@ from .trials import EXECUTOR_TAG, TRIAL_TAG, Outcome, Pruning, Trial, make_prune
 SWEEP_TAG = "cifarx.sweep"  # "true" on a sweep's run
 DIGEST_TAG = "cifarx.sweep.digest"  # of its trials: the same study finds its sweep again
 FAILED_TAG = "cifarx.failed_trials"
+EXECUTOR_OPTIONS_TAG = "cifarx.executor.options"  # JSON: what a resume runs on, unless told
 STUDY_ARTIFACT = "study.json"
 TPE_STARTUP = 10  # configurations the TPE sampler draws at random before it models results
 # what a tpe search can optimize (a trial's outcome has these), and the curve its pruner follows
@@ -235,6 +236,14 @@ def load_resumed(run_id: str, uri: str) -> Study:
     with tempfile.TemporaryDirectory() as tmp:
         path = client.download_artifacts(run_id, STUDY_ARTIFACT, tmp)
         study = from_dict(json.loads(Path(path).read_text()), f"--resume {run_id}")
+    # the executor and options it last ran on (flags still win); older sweeps: their params
+    tags, params = run.data.tags, run.data.params
+    if EXECUTOR_OPTIONS_TAG in tags:
+        study = replace(study, executor={"name": tags[EXECUTOR_TAG],
+                                         **json.loads(tags[EXECUTOR_OPTIONS_TAG])})
+    elif "executor" in params:
+        study = replace(study, executor={"name": params["executor"], **{
+            k[len("executor."):]: v for k, v in params.items() if k.startswith("executor.")}})
     if study.search == "tpe":
         raise UserError(f"--resume {run_id}: a tpe search is not resumed; run its study again "
                         "for a new search")
@@ -299,6 +308,7 @@ def sweep_run(sweep: SweepPlan, resume: str | None = None,
     earlier = finished_children(uri, existing) if existing else {}
     package, version = default_catalog().origin("executor", sweep.executor.name)
     tags = {SWEEP_TAG: "true", DIGEST_TAG: sweep.digest, EXECUTOR_TAG: sweep.executor.name,
+            EXECUTOR_OPTIONS_TAG: json.dumps(sweep.executor_options, sort_keys=True),
             f"cifarx.plugin.executor.{sweep.executor.name}": f"{package}=={version}"}
     name = f"sweep {', '.join(axes_of(study)) or 'seeds'}"
     total = study.trials * len(study.seeds) if sweep.search else len(sweep.trials)
@@ -559,13 +569,14 @@ def summarize(sweep: SweepPlan, run, outcomes: list[Outcome], earlier: dict,
               ("sweep/total_seconds", sum(spent) + seconds, 0, now)]
     if search is not None:
         points.append(("sweep/trials_pruned", len(pruned), 0, now))
-    if ranked:
+    if ranked and ranked[0]["rank"] is not None:
         points.append((f"best/{study.metric}_mean", ranked[0][f"{study.metric}_mean"], 0, now))
     run.log_points(points)
     # set every time: a resume that completes the failed trials clears it
     run.set_tags({FAILED_TAG: ",".join(str(o.trial.number) for o in failed) or "none"})
     best_run = None
-    if ranked:  # of the best configuration's seeds, the one with the best metric
+    if ranked and ranked[0]["rank"] is not None:  # of the best configuration's seeds, the
+        # one with the best metric
         sign = 1 if study.direction == "maximize" else -1
         seeds = [(sign * m[study.metric], run_of.get(t.key)) for t, m, _ in finished
                  if config_of[t.key] == ranked[0]["config"] and study.metric in m]

@@ -243,9 +243,12 @@ def test_a_sweep_whose_every_trial_failed_exits_1_and_a_resume_that_completes_th
     (parent,) = runs_of(uri, "flaky")
     assert parent.data.tags["cifarx.failed_trials"] == "0,1"
     assert parent.data.tags["cifarx.plugin.executor.flaky"] == "flaky-package=="
-    again = cli("sweep", "--resume", parent.info.run_id, "--executor", "flaky",
-                "--tracking-uri", uri)
+    # a resume runs on the executor the sweep ran on (it ran locally unless told again)
+    planned = cli("sweep", "--resume", parent.info.run_id, "--dry-run", "--tracking-uri", uri)
+    assert "2 trials (2 configurations x 1 seeds) on flaky; no run opened" in planned.stdout
+    again = cli("sweep", "--resume", parent.info.run_id, "--tracking-uri", uri)
     assert again.exit_code == 0, again.output
+    assert f"sweep run {parent.info.run_id}: 2 trials to run on flaky" in again.stderr
     client = MlflowClient(uri)
     parent = client.get_run(parent.info.run_id)
     assert parent.data.tags["cifarx.failed_trials"] == "none"
