@@ -24,7 +24,7 @@ from .data import resolve_data_dir, resolve_device
 from .errors import Diverged, UserError
 from .evaluation import Report
 from .inference import predict, resolve_precision
-from .options import OptionError, flag_label, params as option_params, reword
+from .options import OptionError, flag_label, params as option_params, reword, show
 from .plugin_types import ImageData
 from .registry import Catalog, catalog as default_catalog
 from .tracking import (DEFAULT_EXPERIMENT, Run, data_digest, git_commit, load_model,
@@ -573,7 +573,7 @@ def attack_run(config: AttackConfig, tracking: Tracking = Tracking(),
               "data_dir": str(resolve_data_dir(config.data_dir)),
               "images": len(indices), "selection": how[0] if how[0] == "all"
               else f"{how[0]}={how[1]}", "seed": config.seed, "batch_size": config.batch_size,
-              "replace": config.replace and how[0] == "per_class",
+              "replace": show(config.replace and how[0] == "per_class"),
               "device": str(device), "threads": torch.get_num_threads(),
               **option_params("dataset", dataset_values)}
     with tracking.open(f"{attack.name} {config.model}", tags,

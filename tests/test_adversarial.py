@@ -104,7 +104,7 @@ def test_attack_logs_a_linked_run_whose_set_round_trips(models, data_dir, tracki
     metrics = run.data.metrics
     assert metrics["attack/images"] == 20 and len(adv_set["labels"]) == 20
     assert adv_set["labels"].bincount(minlength=10).tolist() == [2] * 10  # 2 per class kept
-    assert metrics["attack/replaced"] >= 0 and run.data.params["replace"] == "True"
+    assert metrics["attack/replaced"] >= 0 and run.data.params["replace"] == "true"  # as other booleans
     assert metrics["attack/success_rate"] == pytest.approx(adv_set["success"].float().mean().item())
     assert metrics["attack/mean_steps"] == pytest.approx(adv_set["steps"].float().mean().item())
     assert metrics["attack/linf_max"] == pytest.approx(adv_set["linf"].max().item())
