@@ -127,15 +127,16 @@ def _values_of(row: Mapping[str, Any], metric: str) -> tuple[float, ...]:
 
 
 def rank(summary: list[Mapping[str, Any]], metric: str, direction: str = "maximize",
-         alpha: float = 0.05) -> list[dict[str, Any]]:
+         alpha: float = 0.05, min_n: int = 2) -> list[dict[str, Any]]:
     """The summary rows (copies) sorted best first by ``{metric}_mean``, with ``rank`` (1..),
     ``p_vs_best`` (Welch's two-sided t-test of this configuration's per-seed values against the
     best's; NaN for the best itself and when either has n < 2) and ``same_as_best`` (True for the
     best and when p_vs_best >= alpha, False when below, None when it cannot be tested).
 
-    Only configurations with two or more values are ranked (``rank`` 1..): one value cannot be
-    told from its noise, so a single lucky seed is never "best". Those with one value follow,
-    unranked (``rank`` None), then those with none; ties keep summary order.
+    Only configurations with ``min_n`` or more values are ranked (``rank`` 1..): where two
+    seeds were run, one value cannot be told from its noise, so a single lucky seed is never
+    "best" (a study of one seed passes ``min_n=1``). Those with fewer follow, unranked
+    (``rank`` None), then those with none; ties keep summary order.
     """
     if direction not in ("maximize", "minimize"):
         raise ValueError(f"direction must be 'maximize' or 'minimize', got {direction!r}")
@@ -147,7 +148,7 @@ def rank(summary: list[Mapping[str, Any]], metric: str, direction: str = "maximi
     def key(item):
         position, row = item
         mean, n = row[f"{metric}_mean"], row[f"{metric}_n"]
-        group = 0 if n >= 2 else 1 if math.isfinite(mean) else 2
+        group = 0 if n >= max(min_n, 1) else 1 if math.isfinite(mean) else 2
         return (group, sign * mean if group < 2 else 0.0, position)
 
     ordered = [row for _, row in sorted(enumerate(rows), key=key)]
@@ -155,7 +156,7 @@ def rank(summary: list[Mapping[str, Any]], metric: str, direction: str = "maximi
         return []
     best = _values_of(ordered[0], metric)
     for position, row in enumerate(ordered, 1):
-        row["rank"] = position if row[f"{metric}_n"] >= 2 else None
+        row["rank"] = position if row[f"{metric}_n"] >= max(min_n, 1) else None
         if position == 1 and row["rank"] is not None:
             row["p_vs_best"], row["same_as_best"] = NAN, True
             continue
@@ -214,9 +215,10 @@ def verdict(ranked: list[Mapping[str, Any]], metric: str, alpha: float = 0.05) -
         return (f"Only one configuration ({_name(best)}) has values of {metric}: "
                 "nothing to compare.")
     if best[f"{metric}_n"] < 2:
-        return (f"No configuration has 2 values of {metric}, so no difference can be "
-                "tested and none is ranked; each needs at least 2 finished seeds (5 or more "
-                "for a useful test).")
+        ranked_any = best.get("rank") is not None
+        return (f"No configuration has 2 values of {metric}, so no difference can be tested"
+                + ("" if ranked_any else " and none is ranked") + "; run at least 2 seeds "
+                "per configuration (5 or more for a useful test).")
     compared = [row for row in compared if row[f"{metric}_n"] >= 2]
     if len(compared) == 1:
         return (f"Only one configuration ({_name(best)}) has 2 or more values of {metric}: "

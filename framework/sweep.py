@@ -515,7 +515,10 @@ def summarize(sweep: SweepPlan, run, outcomes: list[Outcome], earlier: dict,
     rows = [{"config": config_of[t.key], "axes": dict(t.axes), "seed": t.config.seed,
              "metrics": m} for t, m, _ in finished]
     summary = stats.summarize(rows, metrics) if rows else []
-    ranked = stats.rank(summary, study.metric, study.direction) if summary else []
+    # a study of one seed ranks its single values; with more, a configuration left with one
+    # (a failed seed) is not ranked
+    ranked = stats.rank(summary, study.metric, study.direction,
+                        min_n=min(2, len(study.seeds))) if summary else []
     verdict = stats.verdict(ranked, study.metric) if ranked else "no trial finished"
     done_keys = {t.key for t, _, _ in finished} | {o.trial.key for o in outcomes
                                                     if o.status == "PRUNED"}

@@ -148,6 +148,10 @@ def test_rank_cannot_test_single_seeds_and_puts_missing_last():
     ranked = stats.rank(stats.summarize(only_single, ["test/acc"]), "test/acc")
     assert all(r["rank"] is None for r in ranked)
     assert "none is ranked" in stats.verdict(ranked, "test/acc")
+    # a study of one seed ranks its values (nothing can be tested, but the order is asked for)
+    ranked = stats.rank(stats.summarize(only_single, ["test/acc"]), "test/acc", min_n=1)
+    assert [(r["config"], r["rank"]) for r in ranked] == [("f", 1), ("d", 2), ("e", None)]
+    assert "run at least 2 seeds" in stats.verdict(ranked, "test/acc")
 
 
 def test_rank_needs_summarize_rows():
