@@ -179,7 +179,11 @@ def test_an_address_that_accepts_tcp_but_is_not_ray_is_one_line_within_seconds(
 def test_a_real_ray_head_passes_the_probe(make_trials, monkeypatch):
     ray = pytest.importorskip("ray")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    ray.init(address="local", num_cpus=1, include_dashboard=False)
+    try:
+        ray.init(address="local", num_cpus=1, include_dashboard=False)
+    except Exception as exc:  # a machine too loaded to start a Ray node: not what is tested
+        ray.shutdown()
+        pytest.skip(f"a local Ray did not start: {exc}")
     try:
         gcs = ray.get_runtime_context().gcs_address
         host, port = gcs.rsplit(":", 1)
