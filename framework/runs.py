@@ -458,7 +458,7 @@ def model_run(model_uri: str, uri: str):
             name, _, version = model_uri[len("models:/"):].partition("/")
             run_id = client.get_model_version(name, version).run_id if version.isdigit() \
                 else None
-        elif run_id is None and "/" not in model_uri and ":" not in model_uri:
+        elif run_id is None and len(model_uri) == 32 and model_uri.isalnum():
             run_id = model_uri  # a run id (an attack run's, for --adversarial)
         return client.get_run(run_id) if run_id else None
     except MlflowException:
@@ -473,10 +473,9 @@ def model_dataset(model_uri: str, uri: str) -> str:
     return run.data.tags.get("cifarx.dataset", "cifar10") if run else "cifar10"
 
 
-def linked(ref: str, uri: str) -> str:
+def linked(ref: str, run) -> str:
     """``ref`` (a model URI, a run id) for a run's description: a markdown link to the page of
-    the run it comes from (the MLflow UI opens it), or the ref itself where there is none."""
-    run = model_run(ref, uri)
+    ``run``, the run it comes from (the MLflow UI opens it), or the ref itself without one."""
     if run is None:
         return f"`{ref}`"
     page = ui_page(run.info.experiment_id, run.info.run_id)
@@ -521,15 +520,16 @@ def analyze_run(config: AnalyzeConfig, tracking: Tracking = Tracking(),
                         f"not those of the {dataset.name} test split")
     looked_at = analysis.inputs(chosen, data, device, adv_set)
     analysis.check(chosen, model, looked_at)
+    source = model_run(model_uri, uri)
     tags = run_tags(device, catalog, [("dataset", dataset.name), *chosen.plugins()],
                     dataset=dataset.name, model_uri=model_uri,
-                    source_run=source_run_id(model_uri), analyses=",".join(chosen.names),
-                    adversarial_run=config.adversarial)
-    of = f"the adversarial set {linked(config.adversarial, uri)} on " \
-        if adv_set is not None else ""
+                    source_run=source.info.run_id if source else None,
+                    analyses=",".join(chosen.names), adversarial_run=config.adversarial)
+    of = f"the adversarial set {linked(config.adversarial, model_run(config.adversarial, uri))}" \
+        " on " if adv_set is not None else ""
     with tracking.open(f"{command} {model_uri}", tags,
                        f"{', '.join(chosen.names)} of {of}the model of "
-                       f"{linked(model_uri, uri)} on the {dataset.name} test set") as run:
+                       f"{linked(model_uri, source)} on the {dataset.name} test set") as run:
         log_test_set(run, dataset, data)
         run.log_params({"model": model_uri, "dataset": dataset.name,
                         "data_dir": str(resolve_data_dir(config.data_dir)),
@@ -612,9 +612,10 @@ def attack_run(config: AttackConfig, tracking: Tracking = Tracking(),
     if not config.replace:
         spares = {}
 
+    source = model_run(config.model, uri)
     tags = run_tags(device, catalog, [("attack", attack.name), ("dataset", dataset.name)],
                     attack=attack.name, model_uri=config.model, dataset=dataset.name,
-                    source_run=source_run_id(config.model))
+                    source_run=source.info.run_id if source else None)
     params = {"attack": attack.name, **option_params("attack", values),
               "model": config.model, "dataset": dataset.name,
               "data_dir": str(resolve_data_dir(config.data_dir)),
@@ -625,7 +626,7 @@ def attack_run(config: AttackConfig, tracking: Tracking = Tracking(),
               **option_params("dataset", dataset_values)}
     with tracking.open(f"{attack.name} {config.model}", tags,
                        f"{attack.name} attack on {len(indices)} {dataset.name} test images "
-                       f"against the model of {linked(config.model, uri)}") as run:
+                       f"against the model of {linked(config.model, source)}") as run:
         log_test_set(run, dataset, data)
         if on_start is not None:
             on_start(len(indices), device)

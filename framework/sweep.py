@@ -117,10 +117,10 @@ def plan_sweep(study: Study, executor: str = "local", executor_options=(),
             where = ", ".join(f"{k}={show(v)}" for k, v in point.axes.items())
             raise UserError(f"study{' (' + where + ')' if where else ''}: {exc}") from None
     uri = resolve_uri(uri)
+    run_name_of = run_namer(study)
     trials = [Trial(key=config_key(config), number=i, config=config, axes=point.axes,
                     tracking_uri=uri, experiment=study.experiment, parent="",
-                    executor=found.name,
-                    run_name=trial_run_name(point.axes, config.seed, axis_values(study)))
+                    executor=found.name, run_name=run_name_of(point.axes, config.seed))
               for i, (point, config) in enumerate(
                   (p, replace(p.config, seed=seed)) for p in points for seed in study.seeds)]
     if found.check is not None:
@@ -207,6 +207,11 @@ def trial_name(axes: dict[str, Any], seed: int) -> str:
     return " ".join(f"{k}={show(v)}" for k, v in axes.items()) + f" seed={seed}"
 
 
+# The usual short names of the options whose full names crowd a run name
+SHORT_NAMES = {"optimizer": "opt", "weight-decay": "wd", "momentum": "mom", "schedule": "sched",
+               "activation": "act", "label-smoothing": "ls", "batch-size": "bs"}
+
+
 def axis_values(study: Study) -> dict[str, list[Any]]:
     """Every value the study gives each axis (its grid and its listed configurations); a
     drawn axis ([random]) has none."""
@@ -217,20 +222,32 @@ def axis_values(study: Study) -> dict[str, list[Any]]:
     return values
 
 
-def trial_run_name(axes: dict[str, Any], seed: int | None,
+def run_namer(study: Study) -> Callable[[Mapping[str, Any], int | None], str]:
+    """The study's trial run names (:func:`trial_run_name`), leaving out the axes that take one
+    value in every configuration (they tell no trial apart)."""
+    values = axis_values(study)
+    listed = {k: sum(k in point for point in study.configurations) for k in values}
+    fixed = {k for k, v in values.items() if len({repr(x) for x in v}) == 1
+             and (k in study.grid or listed[k] == len(study.configurations))}
+    return lambda axes, seed: trial_run_name(
+        {k: v for k, v in axes.items() if k not in fixed}, seed, values)
+
+
+def trial_run_name(axes: Mapping[str, Any], seed: int | None,
                    values: Mapping[str, list[Any]] | None = None) -> str:
     """A trial's run name, short enough for the MLflow runs table (about 30 characters show):
-    each axis as name=value, seed last: ``aug=+mixup lr=0.1 s1``. The name is the option's
-    last part (``activation`` for ``arch-opt.activation``, unless two axes end alike); a list
-    value drops the items that every value of its axis has (``values``: the study's), shown
-    after a ``+`` (``normalize,flip,crop,mixup`` among others with ``normalize,flip,crop``:
-    ``+mixup``); a drawn number keeps 3 digits. The params hold the values in full."""
+    each axis as name=value, seed last: ``aug=+mixup lr=0.1 s1`` (no seed: None). The name is
+    the option's last part (``act`` for ``arch-opt.activation``: the usual short names of
+    ``SHORT_NAMES``), unless two axes end alike; a list value drops the items that every value
+    of its axis has (``values``: the study's), shown after a ``+`` (``normalize,flip,crop,mixup``
+    among others with ``normalize,flip,crop``: ``+mixup``); a drawn number keeps 3 digits. The
+    params hold the values in full."""
     values = values or {}
     ends = [k.rsplit(".", 1)[-1] for k in axes]
     parts = []
     for key, end in zip(axes, ends):
         value = axes[key]
-        name = end if ends.count(end) == 1 else key
+        name = SHORT_NAMES.get(end, end) if ends.count(end) == 1 else key
         if key not in values and isinstance(value, float):
             shown = f"{value:.3g}"
         else:
@@ -397,7 +414,11 @@ def sweep_run(sweep: SweepPlan, resume: str | None = None,
             version = register_model(result.best_run, register)
             ending[REGISTERED_TAG] = f"{register}/{version}"
         experiment_id = run.experiment_id
-        run.save_view(f"cifarx-{run.id}", trials_view(study, run.id, name))
+        longest = max((len(t.run_name or "") for t in sweep.trials), default=30)
+        run.save_view(f"cifarx-{run.id}", trials_view(study, run.id, name, longest))
+        run.save_view("cifarx-sweeps", runs_view(
+            "sweeps", [f"metrics.`best/{study.metric}_mean`", "params.`configurations`",
+                       "params.`seeds`", "params.`metric`"], f"tags.`{SWEEP_TAG}` = 'true'"))
         ending[NOTE] = f"{description}\n\n{best_note(study, result, experiment_id, run.id)}"
         run.set_tags(ending)
     result.run_id, result.experiment_id = run.id, experiment_id
@@ -417,15 +438,17 @@ def param_of(axis: str) -> str:
     return "probe" if name == "probes" else name
 
 
-def trials_view(study: Study, run_id: str, name: str) -> str:
+def trials_view(study: Study, run_id: str, name: str, longest: int = 30) -> str:
     """The runs table of a sweep's trials (a saved view, see :func:`cifarx.tracking.runs_view`):
-    its trials alone, best first, with the axes, the seed and the metric as columns."""
+    its trials alone, best first, with the axes, the seed and the metric as columns, the Run
+    Name column wide enough for ``longest`` characters (within 190 to 480 pixels)."""
     metrics = list(dict.fromkeys([study.metric, "final/test_acc"]))
     columns = [f"params.`{param_of(a)}`" for a in axes_of(study)] + ["params.`seed`"] + \
         [f"metrics.`{m}`" for m in metrics]
     return runs_view(f"{name}: trials ({run_id[:8]})", columns,
                      f"tags.`mlflow.parentRunId` = '{run_id}'", f"metrics.`{study.metric}`",
-                     ascending=study.direction == "minimize")
+                     ascending=study.direction == "minimize",
+                     name_width=min(480, max(190, 60 + 7 * longest)))
 
 
 def best_note(study: Study, result: SweepResult, experiment_id: str, run_id: str) -> str:
@@ -436,7 +459,7 @@ def best_note(study: Study, result: SweepResult, experiment_id: str, run_id: str
         return f"No trial finished; {table}."
     best = result.ranked[0]
     axes = {name: best[name] for name in best["_axes"]}  # summary rows hold each axis's value
-    label = trial_run_name(axes, None, axis_values(study)) or "the configuration"
+    label = run_namer(study)(axes, None) or "the configuration"
     if result.best_run:
         label = f"[{label}]({ui_page(experiment_id, result.best_run)})"
     mean, n = best[f"{study.metric}_mean"], best[f"{study.metric}_n"]
@@ -452,8 +475,10 @@ def register_model(run_id: str, name: str) -> str:
 
     version = mlflow.register_model(f"runs:/{run_id}/model", name)
     client = mlflow.MlflowClient()
-    if getattr(version, "model_id", None):  # the logged model's description goes with it
-        note = client.get_logged_model(version.model_id).tags.get(NOTE)
+    run = client.get_run(run_id)
+    logged = run.outputs.model_outputs if run.outputs else []
+    if logged:  # the logged model's description goes with it
+        note = client.get_logged_model(logged[0].model_id).tags.get(NOTE)
         describe_version(client, name, str(version.version), note)
     return version.version
 
@@ -513,8 +538,7 @@ def run_search(sweep: SweepPlan, run, on_outcome, start: float) -> SweepResult:
                                   config=config_seed, axes=axes, tracking_uri=sweep.uri,
                                   experiment=study.experiment, parent=run.id,
                                   executor=sweep.executor.name,
-                                  run_name=trial_run_name(axes, seed, axis_values(study)),
-                                  pruning=pruning)
+                                  run_name=run_namer(study)(axes, seed), pruning=pruning)
                     ran.append(trial)
                     waiting[trial.number] = (otrial, group)
                     yield trial
