@@ -112,6 +112,16 @@ def ui_hint(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     return f"open it: {cifarx_command()} ui{where}  ->  http://127.0.0.1:5000/{page}"
 
 
+def registry_hint(tracking_uri: str, name: str, version: str) -> str:
+    """Where to see a registered model version: its page in the Model Registry."""
+    from urllib.parse import quote
+
+    page = f"#/models/{quote(name, safe='')}/versions/{version}?{MODEL_TRAINING}"
+    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) \
+        else "http://127.0.0.1:5000"
+    return f"registered as {name} version {version}: {base}/{page}"
+
+
 def cifarx_command() -> str:
     """How to run this cifarx again from this shell: ``cifarx`` when that is on PATH (and is
     this one), else its path (``make run`` uses the venv's without activating it)."""

@@ -10,7 +10,6 @@ FAILED or KILLED. The CLI, the bench scripts and the tests call these; a sweep c
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -27,8 +26,8 @@ from .inference import predict, resolve_precision
 from .options import OptionError, flag_label, params as option_params, reword, show
 from .plugin_types import ImageData
 from .registry import Catalog, catalog as default_catalog
-from .tracking import (DEFAULT_EXPERIMENT, Run, data_digest, git_commit, load_model,
-                       source_run_id, start_run, tracking_uri)
+from .tracking import (DEFAULT_EXPERIMENT, NOTE, Run, data_digest, git_commit, load_model,
+                       source_run_id, start_run, tracking_uri, ui_page)
 
 
 PRUNED_TAG = "cifarx.pruned"  # "true" on a run a search's pruner stopped early
@@ -130,6 +129,7 @@ class TrainRun:
     experiment_id: str
     model_uri: str
     findings: dict[str, Any] = field(default_factory=dict)  # by analysis, with --analyze
+    registered: tuple[str, str] | None = None  # (name, version) in the Model Registry
 
 
 def prepare_training(config: TrainConfig, catalog: Catalog | None = None,
@@ -206,7 +206,7 @@ def train_run(config: TrainConfig | TrainJob, tracking: Tracking = Tracking(),
             findings = analysis.run(analyses, result.model, looked_at, run, cfg.precision,
                                     result.steps or cfg.iters)
         experiment_id = run.experiment_id
-    return TrainRun(job, result, run.id, experiment_id, model_uri, findings)
+    return TrainRun(job, result, run.id, experiment_id, model_uri, findings, run.registered)
 
 
 CHECKPOINT = "checkpoints/checkpoint.pt"  # a training run's last checkpoint, as an artifact
@@ -307,6 +307,25 @@ def model_recipe(job: TrainJob) -> dict[str, Any]:
                           tuple(job.data.train_images.shape[1:]), job.data.classes, origin)
 
 
+FINAL_ARTIFACT = "final.json"  # a training run's timings (final/train_seconds, ...)
+
+
+def model_note(job: TrainJob, result: loop.Result) -> str:
+    """The logged model's description (and its registered version's): what it is, what it
+    takes and gives, how well it does."""
+    plan, data = job.plan, job.data
+    cfg = plan.config
+    shape = " x ".join(map(str, data.test_images.shape[1:]))
+    return (f"{cfg.arch} trained on {plan.dataset.name} ({cfg.train_split}) with "
+            f"{','.join(plan.pipeline.names)}, {result.steps or cfg.iters} iterations of "
+            f"{cfg.batch_size}, seed {cfg.seed}.\n\n"
+            f"**Input**: float32 N x {shape}, pixels in [0, 1] (the model normalizes them "
+            f"itself). **Output**: N x {len(data.classes)} logits, one per class: "
+            f"{', '.join(data.classes)}.\n\n"
+            f"**Test accuracy** {result.test_acc:.2%} (loss {result.test_loss:.4f}) on the "
+            f"{len(data.test_labels):,} {plan.dataset.name} test images.")
+
+
 def finish(job: TrainJob, result: loop.Result, run: Run, register: str | None = None) -> str:
     """Log the end-of-run summary metrics, the figures and the model; the model's URI.
 
@@ -319,10 +338,12 @@ def finish(job: TrainJob, result: loop.Result, run: Run, register: str | None = 
     step = result.steps or cfg.iters
     test = (f"{plan.dataset.name}-test", data_digest(data.test_images, data.test_labels))
     run.log_dataset(test[0], data.source, test[1], context="test")
-    now = int(time.time() * 1000)
-    run.log_points([(key, value, step, now) for key, value in {
-        "final/train_seconds": result.seconds,
-        "final/images_per_second": result.images_per_second}.items()])
+    # The timings are a table, not metrics: a single value is a chart of one point in the
+    # MLflow UI, and "final" charts come before the curves there.
+    run.log_dict({"final/train_seconds": result.seconds,
+                  "final/images_per_second": result.images_per_second,
+                  "iterations": step, "device": str(plan.device), "precision": cfg.precision},
+                 FINAL_ARTIFACT)
     title = f"{cfg.arch} ({','.join(plan.pipeline.names)}): final test accuracy " \
             f"{result.test_acc:.2%}"
     if result.stopped is not None:
@@ -331,7 +352,7 @@ def finish(job: TrainJob, result: loop.Result, run: Run, register: str | None = 
     run.wait()  # MLflow links to the model the metrics stored at its step
     model = result.model.to("cpu", memory_format=torch.contiguous_format).eval()
     tags = {"cifarx.arch": cfg.arch, "cifarx.dataset": plan.dataset.name,
-            "cifarx.aug": ",".join(plan.pipeline.names)}
+            "cifarx.aug": ",".join(plan.pipeline.names), NOTE: model_note(job, result)}
     final = {"final/test_acc": result.test_acc, "final/test_loss": result.test_loss,
              **best_metrics(plan, result)}
     return run.log_model(model, third_party(job.catalog, plan.plugins()), model_recipe(job),
@@ -424,10 +445,9 @@ class AnalyzeRun:
     experiment_id: str
 
 
-def model_dataset(model_uri: str, uri: str) -> str:
-    """The dataset a model was trained on (its run's ``cifarx.dataset`` tag): the default of
-    ``--dataset`` for the commands that take ``--model``; cifar10 when the run is unknown (a
-    model folder)."""
+def model_run(model_uri: str, uri: str):
+    """The MLflow run that logged a model (``runs:/...``, ``models:/NAME/VERSION``), or a run
+    given by its id; None when there is none (a model folder, a file)."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -438,11 +458,35 @@ def model_dataset(model_uri: str, uri: str) -> str:
             name, _, version = model_uri[len("models:/"):].partition("/")
             run_id = client.get_model_version(name, version).run_id if version.isdigit() \
                 else None
-        if run_id:
-            return client.get_run(run_id).data.tags.get("cifarx.dataset", "cifar10")
+        elif run_id is None and len(model_uri) == 32 and model_uri.isalnum():
+            run_id = model_uri  # a run id (an attack run's, for --adversarial)
+        return client.get_run(run_id) if run_id else None
     except MlflowException:
-        pass
-    return "cifar10"
+        return None
+
+
+def model_dataset(model_uri: str, uri: str) -> str:
+    """The dataset a model was trained on (its run's ``cifarx.dataset`` tag): the default of
+    ``--dataset`` for the commands that take ``--model``; cifar10 when the run is unknown (a
+    model folder)."""
+    run = model_run(model_uri, uri)
+    return run.data.tags.get("cifarx.dataset", "cifar10") if run else "cifar10"
+
+
+def linked(ref: str, run) -> str:
+    """``ref`` (a model URI, a run id) for a run's description: a markdown link to the page of
+    ``run``, the run it comes from (the MLflow UI opens it), or the ref itself without one."""
+    if run is None:
+        return f"`{ref}`"
+    page = ui_page(run.info.experiment_id, run.info.run_id)
+    return f"[{run.info.run_name or run.info.run_id}]({page}) (`{ref}`)"
+
+
+def log_test_set(run: Run, dataset, data: ImageData):
+    """The test split as the run's input (the dataset the training run logs as its test set:
+    the same name and digest)."""
+    run.log_dataset(f"{dataset.name}-test", data.source,
+                    data_digest(data.test_images, data.test_labels), context="test")
 
 
 def analyze_run(config: AnalyzeConfig, tracking: Tracking = Tracking(),
@@ -476,14 +520,17 @@ def analyze_run(config: AnalyzeConfig, tracking: Tracking = Tracking(),
                         f"not those of the {dataset.name} test split")
     looked_at = analysis.inputs(chosen, data, device, adv_set)
     analysis.check(chosen, model, looked_at)
+    source = model_run(model_uri, uri)
     tags = run_tags(device, catalog, [("dataset", dataset.name), *chosen.plugins()],
                     dataset=dataset.name, model_uri=model_uri,
-                    source_run=source_run_id(model_uri), analyses=",".join(chosen.names),
-                    adversarial_run=config.adversarial)
-    of = f"the adversarial set {config.adversarial} on " if adv_set is not None else ""
+                    source_run=source.info.run_id if source else None,
+                    analyses=",".join(chosen.names), adversarial_run=config.adversarial)
+    of = f"the adversarial set {linked(config.adversarial, model_run(config.adversarial, uri))}" \
+        " on " if adv_set is not None else ""
     with tracking.open(f"{command} {model_uri}", tags,
-                       f"{', '.join(chosen.names)} of {of}{model_uri} on the {dataset.name} "
-                       "test set") as run:
+                       f"{', '.join(chosen.names)} of {of}the model of "
+                       f"{linked(model_uri, source)} on the {dataset.name} test set") as run:
+        log_test_set(run, dataset, data)
         run.log_params({"model": model_uri, "dataset": dataset.name,
                         "data_dir": str(resolve_data_dir(config.data_dir)),
                         "images": len(looked_at.labels), "seed": config.seed,
@@ -565,9 +612,10 @@ def attack_run(config: AttackConfig, tracking: Tracking = Tracking(),
     if not config.replace:
         spares = {}
 
+    source = model_run(config.model, uri)
     tags = run_tags(device, catalog, [("attack", attack.name), ("dataset", dataset.name)],
                     attack=attack.name, model_uri=config.model, dataset=dataset.name,
-                    source_run=source_run_id(config.model))
+                    source_run=source.info.run_id if source else None)
     params = {"attack": attack.name, **option_params("attack", values),
               "model": config.model, "dataset": dataset.name,
               "data_dir": str(resolve_data_dir(config.data_dir)),
@@ -578,7 +626,8 @@ def attack_run(config: AttackConfig, tracking: Tracking = Tracking(),
               **option_params("dataset", dataset_values)}
     with tracking.open(f"{attack.name} {config.model}", tags,
                        f"{attack.name} attack on {len(indices)} {dataset.name} test images "
-                       f"against {config.model}") as run:
+                       f"against the model of {linked(config.model, source)}") as run:
+        log_test_set(run, dataset, data)
         if on_start is not None:
             on_start(len(indices), device)
         result, indices, replaced, seconds = adversarial.attack_images(

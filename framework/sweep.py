@@ -31,11 +31,12 @@ from typing import Any, Callable, Mapping
 from . import stats
 from .config import OPTION_FLAGS, plan as make_plan, resolve_plugin_options
 from .errors import UserError
-from .options import OptionError, flag_label, reword, show
+from .options import OptionError, brief, flag_label, reword, show
 from .registry import Catalog, catalog as default_catalog
-from .studies import (Configuration, Study, apply, axes_of, config_key, configurations, digest,
-                      from_dict, pruner_warmup, raw_of)
-from .tracking import quiet_mlflow, start_run, tracking_uri as resolve_uri
+from .studies import (OPTION_KEYS, Configuration, Study, apply, axes_of, config_key,
+                      configurations, digest, field_name, from_dict, pruner_warmup, raw_of)
+from .tracking import (NOTE, quiet_mlflow, runs_view, start_run, tracking_uri as resolve_uri,
+                       ui_page)
 from .trials import EXECUTOR_TAG, TRIAL_TAG, Outcome, Pruning, Trial, make_pruner
 
 SWEEP_TAG = "cifarx.sweep"  # "true" on a sweep's run
@@ -117,9 +118,10 @@ def plan_sweep(study: Study, executor: str = "local", executor_options=(),
             where = ", ".join(f"{k}={show(v)}" for k, v in point.axes.items())
             raise UserError(f"study{' (' + where + ')' if where else ''}: {exc}") from None
     uri = resolve_uri(uri)
+    run_name_of = run_namer(study)
     trials = [Trial(key=config_key(config), number=i, config=config, axes=point.axes,
                     tracking_uri=uri, experiment=study.experiment, parent="",
-                    executor=found.name, run_name=trial_name(point.axes, config.seed))
+                    executor=found.name, run_name=run_name_of(point.axes, config.seed))
               for i, (point, config) in enumerate(
                   (p, replace(p.config, seed=seed)) for p in points for seed in study.seeds)]
     if found.check is not None:
@@ -204,6 +206,71 @@ def remote_workers(executor: str, options: dict[str, Any]) -> bool:
 
 def trial_name(axes: dict[str, Any], seed: int) -> str:
     return " ".join([*(f"{k}={show(v)}" for k, v in axes.items()), f"seed={seed}"])
+
+
+# The usual short names of the options whose full names crowd a run name
+SHORT_NAMES = {"optimizer": "opt", "weight-decay": "wd", "momentum": "mom", "schedule": "sched",
+               "activation": "act", "label-smoothing": "ls", "batch-size": "bs"}
+
+
+def axis_values(study: Study) -> dict[str, list[Any]]:
+    """Every value the study gives each axis (its grid and its listed configurations); a
+    drawn axis ([random]) has none."""
+    values: dict[str, list[Any]] = {k: list(v) for k, v in study.grid.items()}
+    for point in study.configurations:
+        for k, v in point.items():
+            values.setdefault(k, []).append(v)
+    return values
+
+
+def run_namer(study: Study) -> Callable[[Mapping[str, Any], int | None], str]:
+    """The study's trial run names (:func:`trial_run_name`), leaving out the axes that take one
+    value in every configuration (they tell no trial apart)."""
+    values = axis_values(study)
+    listed = {k: sum(k in point for point in study.configurations) for k in values}
+    fixed = {k for k, v in values.items() if len({repr(x) for x in v}) == 1
+             and (k in study.grid or listed[k] == len(study.configurations))}
+    return lambda axes, seed: trial_run_name(
+        {k: v for k, v in axes.items() if k not in fixed}, seed, values)
+
+
+def trial_run_name(axes: Mapping[str, Any], seed: int | None,
+                   values: Mapping[str, list[Any]] | None = None) -> str:
+    """A trial's run name, short enough for the MLflow runs table (about 30 characters show):
+    each axis as name=value, seed last: ``aug=+mixup lr=0.1 s1`` (no seed: None). The name is
+    the option's last part (``act`` for ``arch-opt.activation``: the usual short names of
+    ``SHORT_NAMES``), unless two axes end alike; a list value drops the items that every value
+    of its axis has (``values``: the study's), shown after a ``+`` (``normalize,flip,crop,mixup``
+    among others with ``normalize,flip,crop``: ``+mixup``); a drawn number keeps 3 digits. The
+    params hold the values in full."""
+    values = values or {}
+    ends = [k.rsplit(".", 1)[-1] for k in axes]
+    parts = []
+    for key, end in zip(axes, ends):
+        value = axes[key]
+        name = SHORT_NAMES.get(end, end) if ends.count(end) == 1 else key
+        if key not in values and isinstance(value, float):
+            shown = f"{value:.3g}"
+        else:
+            shown = _without_shared(value, values.get(key, [])) or brief(value)
+        parts.append(f"{name}={shown}")
+    return " ".join([*parts, *([] if seed is None else [f"s{seed}"])])
+
+
+def _without_shared(value: Any, others: list[Any]) -> str | None:
+    """``+item,...``: a list value's items that not every one of ``others`` has; None when
+    it is not a list, or has no shared items, or nothing but shared ones."""
+    def items(v):
+        if isinstance(v, (list, tuple)):
+            return [show(i) for i in v]
+        return [i.strip() for i in v.split(",")] if isinstance(v, str) else None
+
+    mine, lists = items(value), [items(o) for o in others]
+    if mine is None or len(lists) < 2 or any(x is None for x in lists):
+        return None
+    shared = set.intersection(*(set(x) for x in lists))
+    rest = [i for i in mine if i not in shared]
+    return "+" + ",".join(rest) if rest and len(rest) < len(mine) else None
 
 
 def find_sweep(uri: str, experiment: str, sweep_digest: str) -> str | None:
@@ -312,10 +379,10 @@ def sweep_run(sweep: SweepPlan, resume: str | None = None,
             f"cifarx.plugin.executor.{sweep.executor.name}": f"{package}=={version}"}
     name = f"sweep {', '.join(axes_of(study)) or 'seeds'}"
     total = study.trials * len(study.seeds) if sweep.search else len(sweep.trials)
+    description = description or f"Study {study.experiment}: {total} trials, " \
+        f"{study.search} search over {', '.join(axes_of(study)) or 'seeds'}"
     with start_run(uri, study.experiment, name, {**tags, **(user_tags or {})}, existing=existing,
-                   description=description or f"Study {study.experiment}: {total} trials, "
-                   f"{study.search} search over {', '.join(axes_of(study)) or 'seeds'}"
-                   ) as run:
+                   description=description) as run:
         if not existing:
             run.log_params({
                 "search": study.search, "seeds": ",".join(map(str, study.seeds)),
@@ -354,10 +421,18 @@ def sweep_run(sweep: SweepPlan, resume: str | None = None,
                 sweep.executor.run(todo, heard, **sweep.executor_options)
             seconds = time.perf_counter() - start
             result = summarize(sweep, run, outcomes, earlier, seconds)
+        ending = {}
         if register and result.best_run:
             version = register_model(result.best_run, register)
-            run.set_tags({REGISTERED_TAG: f"{register}/{version}"})
+            ending[REGISTERED_TAG] = f"{register}/{version}"
         experiment_id = run.experiment_id
+        longest = max((len(t.run_name or "") for t in sweep.trials), default=30)
+        run.save_view(f"cifarx-{run.id}", trials_view(study, run.id, name, longest))
+        run.save_view("cifarx-sweeps", runs_view(
+            "sweeps", [f"metrics.`best/{study.metric}_mean`", "params.`configurations`",
+                       "params.`seeds`", "params.`metric`"], f"tags.`{SWEEP_TAG}` = 'true'"))
+        ending[NOTE] = f"{description}\n\n{best_note(study, result, experiment_id, run.id)}"
+        run.set_tags(ending)
     result.run_id, result.experiment_id = run.id, experiment_id
     return result
 
@@ -365,11 +440,59 @@ def sweep_run(sweep: SweepPlan, resume: str | None = None,
 REGISTERED_TAG = "cifarx.registered_model"  # on a sweep: NAME/VERSION of its best trial's
 
 
+def param_of(axis: str) -> str:
+    """The MLflow param that holds a study key's value: ``lr`` -> ``lr``, ``eval-every`` ->
+    ``eval_every``, ``arch-opt.activation`` -> ``arch.activation``."""
+    head, _, rest = axis.partition(".")
+    if head in OPTION_KEYS:
+        return f"{head.removesuffix('-opt')}.{rest}"
+    name = field_name(axis, "study")
+    return "probe" if name == "probes" else name
+
+
+def trials_view(study: Study, run_id: str, name: str, longest: int = 30) -> str:
+    """The runs table of a sweep's trials (a saved view, see :func:`cifarx.tracking.runs_view`):
+    its trials alone, best first, with the axes, the seed and the metric as columns, the Run
+    Name column wide enough for ``longest`` characters (within 190 to 480 pixels)."""
+    metrics = list(dict.fromkeys([study.metric, "final/test_acc"]))
+    columns = [f"params.`{param_of(a)}`" for a in axes_of(study)] + ["params.`seed`"] + \
+        [f"metrics.`{m}`" for m in metrics]
+    return runs_view(f"{name}: trials ({run_id[:8]})", columns,
+                     f"tags.`mlflow.parentRunId` = '{run_id}'", f"metrics.`{study.metric}`",
+                     ascending=study.direction == "minimize",
+                     name_width=min(480, max(190, 60 + 7 * longest)))
+
+
+def best_note(study: Study, result: SweepResult, experiment_id: str, run_id: str) -> str:
+    """The sweep's description's last paragraph: the best configuration, linked to its best
+    seed's run, its mean; and a link to the trials' table (markdown, for the MLflow UI)."""
+    table = f"[all trials, best first]({ui_page(experiment_id, view=f'cifarx-{run_id}')})"
+    if not result.ranked:
+        return f"No trial finished; {table}."
+    best = result.ranked[0]
+    axes = {name: best[name] for name in best["_axes"]}  # summary rows hold each axis's value
+    label = run_namer(study)(axes, None) or "the configuration"
+    if result.best_run:
+        label = f"[{label}]({ui_page(experiment_id, result.best_run)})"
+    mean, n = best[f"{study.metric}_mean"], best[f"{study.metric}_n"]
+    return (f"**Best**: {label}, {study.metric} mean {mean:.4g} over {n} seed(s) (the link "
+            f"opens its best seed's run); {table}.")
+
+
 def register_model(run_id: str, name: str) -> str:
     """Add ``runs:/<run_id>/model`` to the Model Registry as ``name``; the new version."""
     import mlflow
 
-    return mlflow.register_model(f"runs:/{run_id}/model", name).version
+    from .tracking import describe_version
+
+    version = mlflow.register_model(f"runs:/{run_id}/model", name)
+    client = mlflow.MlflowClient()
+    run = client.get_run(run_id)
+    logged = run.outputs.model_outputs if run.outputs else []
+    if logged:  # the logged model's description goes with it
+        note = client.get_logged_model(logged[0].model_id).tags.get(NOTE)
+        describe_version(client, name, str(version.version), note)
+    return version.version
 
 
 def run_search(sweep: SweepPlan, run, on_outcome, start: float) -> SweepResult:
@@ -427,7 +550,7 @@ def run_search(sweep: SweepPlan, run, on_outcome, start: float) -> SweepResult:
                                   config=config_seed, axes=axes, tracking_uri=sweep.uri,
                                   experiment=study.experiment, parent=run.id,
                                   executor=sweep.executor.name,
-                                  run_name=trial_name(axes, seed), pruning=pruning)
+                                  run_name=run_namer(study)(axes, seed), pruning=pruning)
                     ran.append(trial)
                     waiting[trial.number] = (otrial, group)
                     yield trial

@@ -80,7 +80,34 @@ def as_logged(value: float) -> float:
     return float(str(single))  # numpy prints a float32 as its shortest round-trip decimal
 
 
-NOTE = "mlflow.note.content"  # the run's description in the MLflow UI
+NOTE = "mlflow.note.content"  # the run's description in the MLflow UI (and a logged model's)
+VIEW_TAG = "mlflow.sharedViewState."  # + key: an experiment's saved view of its runs table
+
+
+def ui_page(experiment_id: str, run_id: str | None = None, view: str | None = None) -> str:
+    """A page of the MLflow UI as a link relative to the UI (``#/experiments/...``), for
+    markdown in a description: a run's page, or the runs table in the saved ``view``."""
+    from .console import MODEL_TRAINING
+
+    if run_id:
+        return f"#/experiments/{experiment_id}/runs/{run_id}?{MODEL_TRAINING}"
+    shown = f"viewStateShareKey={view}&" if view else ""
+    return f"#/experiments/{experiment_id}/runs?{shown}{MODEL_TRAINING}"
+
+
+def runs_view(name: str, columns: list[str], search: str = "", order_by: str | None = None,
+              ascending: bool = False, name_width: int = 240) -> str:
+    """A saved view of the runs table, as MLflow 3's UI stores one in an experiment tag
+    (``VIEW_TAG`` + key; the UI's *Views* menu lists it, ``?viewStateShareKey=KEY`` opens it):
+    the runs that match ``search``, sorted by ``order_by``, ``columns`` (``params.`lr```,
+    ``metrics.`final/test_acc```) shown after a Run Name column ``name_width`` pixels wide."""
+    now = int(time.time() * 1000)
+    run_name = "attributes.`Run Name`"
+    state = {"searchFilter": search, "orderByAsc": ascending, "selectedColumns": columns,
+             "columnOrder": [run_name, *columns], "columnWidths": {run_name: name_width},
+             **({"orderByKey": order_by} if order_by else {})}
+    return json.dumps({"name": name, "createdAt": now, "updatedAt": now,
+                       "state": json.dumps(state)})
 
 
 class MetricLog:
@@ -140,6 +167,7 @@ class Run:
         self._experiment_id = experiment_id
         self._writer = None  # the metrics writer thread, started by the first points
         self._pending: list[tuple[Any, list[Point]]] = []  # (future, points) not yet stored
+        self.registered: tuple[str, str] | None = None  # (name, version) of the model registered
 
     @property
     def experiment_id(self) -> str:
@@ -207,6 +235,11 @@ class Run:
     def log_dataset(self, name: str, source: str, digest: str, context: str):
         self._send("dataset", {"name": name, "source": source, "digest": digest,
                                "context": context})
+
+    def save_view(self, key: str, view: str):
+        """Store a saved view of the runs table (see :func:`runs_view`) in the run's
+        experiment, as ``VIEW_TAG + key``."""
+        self._send("view", {"key": key, "view": view})
 
     def log_model(self, model: nn.Module, packages: tuple[str, ...] = (),
                   recipe: Mapping[str, Any] | None = None, example: Tensor | None = None,
@@ -328,6 +361,9 @@ class Run:
             self.client.log_artifact(self.id, payload["file"], payload["dir"])
         elif kind == "dataset":
             self._log_dataset(**payload)
+        elif kind == "view":
+            self.client.set_experiment_tag(self.experiment_id, VIEW_TAG + payload["key"],
+                                           payload["view"])
         elif kind == "model":
             self._log_model(**payload)
         elif kind == "end":
@@ -384,6 +420,10 @@ class Run:
                 pip_requirements=requirements_for(model, tuple(packages)), extra_files=extra,
                 signature=signature, input_example=example, step=step, tags=dict(tags),
                 registered_model_name=register)
+        if register and info.registered_model_version is not None:
+            version = str(info.registered_model_version)
+            describe_version(self.client, register, version, tags.get(NOTE))
+            self.registered = (register, version)
         if metrics:
             from mlflow.entities import Metric
 
@@ -392,6 +432,16 @@ class Run:
             self.client.log_batch(self.id, metrics=[
                 Metric(key, as_logged(value), now, step, dataset_name=name, dataset_digest=digest,
                        run_id=self.id, model_id=info.model_id) for key, value in metrics.items()])
+
+
+def describe_version(client, name: str, version: str, note: str | None):
+    """Give a registered model version its model's description, and the registered model
+    too when it has none (its first version)."""
+    if not note:
+        return
+    client.update_model_version(name, version, description=note)
+    if not client.get_registered_model(name).description:
+        client.update_registered_model(name, description=note)
 
 
 def _open(uri: str, experiment: str | None, run_name: str | None, parent: str | None,

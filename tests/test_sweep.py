@@ -65,7 +65,7 @@ def test_the_best_trial_is_registered_and_the_sweep_described(swept):
     uri, result = swept
     client = MlflowClient(uri)
     (parent,) = [r for r in runs_of(uri, "sweep") if r.data.tags.get("cifarx.sweep") == "true"]
-    assert parent.data.tags["mlflow.note.content"] == "tiny lr study"
+    assert parent.data.tags["mlflow.note.content"].startswith("tiny lr study\n\n**Best**: ")
     assert parent.data.tags["owner"] == "tests"
     version = client.get_model_version("sweep-best", "1")
     assert parent.data.tags["cifarx.registered_model"] == "sweep-best/1"
