@@ -230,6 +230,15 @@ def on_startup(command, dirty):
     sys.path[:] = [p for p in sys.path if not os.path.isfile(os.path.join(p or ".", "cifarx"))]
 
 
+_SPHINX_ROLE = re.compile(r":(?:class|func|meth|mod|data|attr|exc):(?=<code>)")
+
+
+def on_page_content(html: str, page, config, files) -> str:
+    # The docstrings cross-reference in Sphinx's roles (:class:`cifarx.UserError`); mkdocstrings
+    # shows the name as code and the role as text: drop the role.
+    return _SPHINX_ROLE.sub("", html)
+
+
 def on_page_markdown(markdown: str, page, config, files) -> str:
     for marker, function in MARKERS.items():
         if marker in markdown:
