@@ -814,8 +814,8 @@ def transfer(
 @command
 def sweep(
     study_file: Annotated[Optional[Path], typer.Argument(
-        metavar="[STUDY.toml]", help="A study file (see the README's Studies); without one, "
-        "--set and --grid say what to run.", show_default=False)] = None,
+        metavar="[STUDY.toml]", help="A study file (see the documentation's Studies page); "
+        "without one, --set and --grid say what to run.", show_default=False)] = None,
     grid: Annotated[Optional[list[str]], typer.Option(
         help="An axis: KEY=V1,V2,... (an option of `cifarx train`, as in a study file: lr, "
              "aug, arch-opt.activation, ...); repeatable. For aug, probe and adv-data each "

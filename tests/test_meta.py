@@ -1,5 +1,7 @@
-"""Every hook has a test plugin and a section in the README's plugin author guide; the CLI,
-TrainConfig and MLproject declare the same options; `--help` stays light."""
+"""Every hook has a test plugin and an example in the documentation's plugin guide, and every
+example there runs; the generated reference covers every command and built-in plugin; the
+README's links resolve; the CLI, TrainConfig and MLproject declare the same options; `--help`
+stays light."""
 
 from pathlib import Path
 
@@ -12,7 +14,8 @@ from test_registry import EveryKind
 
 HOOKS = {name for name in dir(hookspecs) if name.startswith("register_")}
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
+PLUGIN_GUIDE = ROOT / "docs" / "plugins"
+GUIDE = "\n".join(p.read_text() for p in sorted(PLUGIN_GUIDE.glob("*.md")))
 
 
 def test_every_kind_has_a_hook_and_every_hook_a_kind():
@@ -25,36 +28,44 @@ def test_every_hook_is_exercised_by_the_test_plugin():
 
 def test_every_hook_is_documented_with_an_example():
     for hook in HOOKS:
-        assert f"def {hook}(register)" in README, f"README has no example of {hook}"
+        assert f"def {hook}(register)" in GUIDE, f"the plugin guide has no example of {hook}"
 
 
-def readme_plugins():
-    """Each ```python block of the README that defines a hook, as a module."""
+def guide_examples() -> list[str]:
+    """Each ```python block of the plugin guide that defines a hook."""
     import re
+
+    blocks = re.findall(r"```python\n(.*?)```", GUIDE, flags=re.S)
+    return [b for b in blocks if "@hookimpl" in b]
+
+
+def guide_plugins():
+    """The plugin guide's examples as modules, but the executor that spawns processes: its
+    workers import it by name (test_spawn_executor_example_runs_trials does)."""
     import types
 
-    blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
     modules = []
-    for i, source in enumerate(b for b in blocks if "@hookimpl" in b):
-        module = types.ModuleType(f"readme_example_{i}")
-        exec(compile(source, f"README example {i}", "exec"), module.__dict__)
+    for i, source in enumerate(b for b in guide_examples() if "get_context(\"spawn\")" not in b):
+        module = types.ModuleType(f"guide_example_{i}")
+        exec(compile(source, f"plugin guide example {i}", "exec"), module.__dict__)
         modules.append(module)
     return modules
 
 
-def test_readme_plugin_examples_run(register_plugin, tmp_path):
+def test_guide_plugin_examples_run(register_plugin, tmp_path):
     import numpy as np
     import torch
     import torch.nn.functional as F
 
     from cifarx.registry import registry
 
-    modules = readme_plugins()
+    assert len(guide_examples()) == 9
+    modules = guide_plugins()
     assert len(modules) == 8
     for i, module in enumerate(modules):
-        register_plugin(module, f"readme-{i}")
+        register_plugin(module, f"guide-{i}")
     cat = registry().catalog()
-    assert not [p for p in cat.problems if "readme" in p]
+    assert not [p for p in cat.problems if "guide" in p]
 
     x = torch.rand(4, 3, 32, 32)
     assert cat.get("architecture", "mlp").build()(x).shape == (4, 10)
@@ -115,6 +126,112 @@ def test_readme_plugin_examples_run(register_plugin, tmp_path):
     assert found.figure is not None and "analysis/occlusion/max_drop" in found.metrics
     with pytest.raises(OptionError, match="window"):
         occlusion.check(model, data, window=40)
+
+
+def test_spawn_executor_example_runs_trials(tmp_path, monkeypatch, tracking_uri, data_dir):
+    """The guide's cross-process executor, as an importable module: each trial in a fresh
+    interpreter; a trial that fails is reported FAILED, the others FINISHED."""
+    import importlib
+
+    import mlflow
+
+    from cifarx.config import TrainConfig
+    from cifarx.trials import Trial
+
+    (source,) = [b for b in guide_examples() if "get_context(\"spawn\")" in b]
+    (tmp_path / "guide_spawn_executor.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))  # the spawned workers import it from here
+    module = importlib.import_module("guide_spawn_executor")
+
+    client = mlflow.MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name("guide-spawn")
+    experiment = found.experiment_id if found else client.create_experiment("guide-spawn")
+    parent = client.create_run(experiment, run_name="sweep").info.run_id
+    base = dict(iters=2, batch_size=10, eval_every=2, device="cpu", threads=1,
+                data_dir=str(data_dir))
+    trials = [Trial(key=f"t{i}", number=i, config=TrainConfig(**base, seed=i, arch=arch),
+                    axes={"arch": arch}, tracking_uri=tracking_uri, experiment="guide-spawn",
+                    parent=parent, executor="spawn")
+              for i, arch in enumerate(["table1", "no-such-arch", "table1"])]
+    heard = []
+    module.run_spawned(iter(trials), heard.append, workers=2)
+    assert sorted((o.trial.number, o.status) for o in heard) == \
+        [(0, "FINISHED"), (1, "FAILED"), (2, "FINISHED")], [o.error for o in heard]
+    assert "no-such-arch" in next(o.error for o in heard if o.status == "FAILED")
+
+
+# --- the documentation site ------------------------------------------------------------------
+
+def reference_module():
+    """docs/hooks/reference.py, the MkDocs hook that generates the Reference pages."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("docs_reference",
+                                                  ROOT / "docs" / "hooks" / "reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_reference_documents_every_command_and_option():
+    import re
+
+    reference = reference_module()
+    text = reference.commands_markdown()
+    for command in ("train", "evaluate", "analyze", "plugins", "describe", "ui", "attack",
+                    "transfer", "sweep", "sync"):
+        assert f"## cifarx {command}\n" in text, command
+    for name in reference.command_names():
+        for option in cli_options(name).values():
+            if getattr(option, "hidden", False) or option.param_type_name != "option":
+                continue
+            for flag in (*option.opts, *option.secondary_opts):
+                assert re.search(rf"## cifarx {name}\n(?:(?!\n## ).)*[`/ ]{flag}[` ]", text,
+                                 flags=re.S), f"cifarx {name} {flag} is not in the reference"
+    # what --help shows as the default
+    assert "| `--iters <int>` | Training iterations. | `2000` |" in text
+
+
+def test_the_reference_documents_every_builtin_plugin_and_option():
+    from cifarx.registry import registry
+
+    reference = reference_module()
+    text = reference.plugins_markdown()
+    builtins = [e for e in registry().catalog().entries if e.builtin]
+    assert len(builtins) > 30
+    sections = {}  # (kind, name) -> its section of the page
+    for section in text.split("\n### ")[1:]:
+        kind, name = section.split("`")[:2]
+        sections[(kind.strip(), name)] = section
+    assert set(sections) == {(e.kind, e.name) for e in builtins}
+    for entry in builtins:
+        section = sections[(entry.kind, entry.name)]
+        assert entry.summary and reference.cell(entry.summary) in section
+        item = entry.item.resolve("resnet18") if hasattr(entry.item, "prefix") else entry.item
+        for option, spec in item.options.items():  # a family: a member's options
+            assert f"| `{option}` |" in section, (entry.kind, entry.name, option)
+            assert spec.accepted() in section, (entry.kind, entry.name, option)
+    hooks = reference.hookspecs_markdown()
+    assert all(f"`{hook}(register)`" in hooks for hook in HOOKS)
+
+
+def test_the_docs_pages_hold_a_marker_for_each_generated_part():
+    reference = reference_module()
+    pages = "\n".join(p.read_text() for p in (ROOT / "docs").rglob("*.md"))
+    for marker in reference.MARKERS:
+        assert marker in pages, marker
+
+
+def test_the_readme_links_resolve_and_it_keeps_the_two_commands():
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    assert "make run " in readme and "make test " in readme  # CI runs the README's make test
+    links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", readme)
+    local = [link for link in links if not re.match(r"[a-z]+:", link)]
+    assert len(local) > 10
+    for link in local:
+        assert (ROOT / link).exists(), f"README links to {link}, which does not exist"
 
 
 # --- one declaration of the train options -------------------------------------------------
