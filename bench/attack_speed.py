@@ -19,9 +19,11 @@ import time
 
 import torch
 
-from cifarx import adversarial, config as cfg, inference, loop, tracking
-from cifarx.data import resolve_device
-from cifarx.registry import catalog
+from cifarx.inference import adversarial, predict as inference
+from cifarx.plugin_api.registry import catalog
+from cifarx.tracking import common, models
+from cifarx.training import config as cfg, loop
+from cifarx.training.data import resolve_device
 
 
 def timed(fn):
@@ -53,7 +55,7 @@ def main():
     plan = cfg.plan(config)
     data = plan.load_data()
     if args.model:
-        model = tracking.load_model(args.model, tracking.tracking_uri(args.tracking_uri), device)
+        model = models.load_model(args.model, common.tracking_uri(args.tracking_uri), device)
         source = args.model
     else:
         trained, seconds = timed(lambda: loop.train(plan, data))

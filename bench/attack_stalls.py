@@ -29,8 +29,9 @@ class has p >= T, then log p of that class: the plugin's rule is ``top-0.7``);
         [--count 500] [--seed 0] [--updates ce,plugin,top-0.5,...|all] [--threads 2]
         [--show-failures] [--per-class 2 --attack-seeds 0,1,2,3] [--no-table]
 
-Models are whole pickled modules (``torch.save(model, path)`` of ``cifarx.tracking.load_model``);
-the script uses no CLI, engine or tracking code, only torch and the model's own classes.
+Models are whole pickled modules (``torch.save(model, path)`` of
+``cifarx.tracking.models.load_model``); the script uses no CLI, engine or tracking code, only torch
+and the model's own classes.
 """
 
 from __future__ import annotations
@@ -66,8 +67,9 @@ def predictions(model: nn.Module, images: Tensor, batch: int = 1000) -> Tensor:
 
 def choose(predicted: Tensor, labels: Tensor, seed: int, count: int | None = None,
            per_class: int | None = None) -> Tensor:
-    """As ``cifarx.adversarial.choose``: correctly classified images in a seeded random order;
-    the first ``count``, or the first ``per_class`` of each class; sorted by label (stable)."""
+    """As ``cifarx.inference.adversarial.choose``: correctly classified images in a seeded random
+    order; the first ``count``, or the first ``per_class`` of each class; sorted by label
+    (stable)."""
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     candidates = order[(predicted == labels)[order]]
     if per_class is not None:
@@ -79,7 +81,8 @@ def choose(predicted: Tensor, labels: Tensor, seed: int, count: int | None = Non
 
 
 def prepare(path: str) -> nn.Module:
-    """As ``cifarx.adversarial.for_attack``: eval mode, no parameter gradients, channels-last."""
+    """As ``cifarx.inference.adversarial.for_attack``: eval mode, no parameter gradients,
+    channels-last."""
     model = torch.load(path, weights_only=False, map_location="cpu")
     model.eval()
     for p in model.parameters():

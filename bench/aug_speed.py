@@ -34,7 +34,7 @@ import time
 
 import torch
 
-from cifarx.registry import catalog
+from cifarx.plugin_api.registry import catalog
 
 COLUMNS = ("cifarx", "kornia", "kornia fn", "tv batch", "tv loop", "timm batch", "timm elem")
 # (the augmentation, its options as cifarx takes them): the defaults, made to apply always where

@@ -18,8 +18,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from cifarx.optim import lr_factor, make_optimizer
 from cifarx.plugins.architectures import build_table1
+from cifarx.training.optim import lr_factor, make_optimizer
 
 
 class CifarBatches(Dataset):

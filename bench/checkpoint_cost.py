@@ -17,8 +17,8 @@ import tempfile
 import time
 
 from cifarx import runs
-from cifarx.config import TrainConfig
 from cifarx.runs import Tracking, train_run
+from cifarx.training.config import TrainConfig
 
 
 def main():

@@ -18,8 +18,9 @@ from dataclasses import replace
 
 import torch
 
-from cifarx import config as cfg, loop, runs
-from cifarx.registry import catalog
+from cifarx import runs
+from cifarx.plugin_api.registry import catalog
+from cifarx.training import config as cfg, loop
 
 
 def timed(plan: cfg.Plan, data, uri: str, name: str) -> float:

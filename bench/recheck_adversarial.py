@@ -14,8 +14,8 @@ import argparse
 
 import torch
 
-from cifarx import tracking
-from cifarx.transfer import load_set
+from cifarx.inference.transfer import load_set
+from cifarx.tracking import common, models
 
 
 def main():
@@ -25,9 +25,9 @@ def main():
     parser.add_argument("--tracking-uri")
     args = parser.parse_args()
 
-    uri = tracking.tracking_uri(args.tracking_uri)
+    uri = common.tracking_uri(args.tracking_uri)
     adv_set = load_set(args.adversarial, uri)
-    model = tracking.load_model(adv_set["model_uri"], uri)
+    model = models.load_model(adv_set["model_uri"], uri)
     with torch.no_grad():
         probs = model(adv_set["adv_images"].float()).softmax(1)
         clean = model(adv_set["images"].float()).argmax(1)

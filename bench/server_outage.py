@@ -31,10 +31,11 @@ from pathlib import Path
 
 import torch
 
-from cifarx import spool
-from cifarx.config import TrainConfig
 from cifarx.runs import Tracking, train_run
-from cifarx.tracking import Run, load_model
+from cifarx.tracking import server as tracking_server, spool
+from cifarx.tracking.models import load_model
+from cifarx.tracking.run import Run
+from cifarx.training.config import TrainConfig
 
 TIMING = ("final/train_seconds", "final/images_per_second")
 
@@ -59,7 +60,7 @@ class Server:
             self.wait()
 
     def wait(self):
-        while spool.silence(self.uri) is not None:
+        while tracking_server.silence(self.uri) is not None:
             time.sleep(0.2)
         return time.perf_counter() - self.started
 

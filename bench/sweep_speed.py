@@ -17,8 +17,9 @@ import argparse
 import tempfile
 import time
 
-from cifarx.studies import from_dict
-from cifarx.sweep import plan_sweep, sweep_run
+from cifarx.studies.study import from_dict
+from cifarx.studies.sweep import sweep_run
+from cifarx.studies.sweep_plan import plan_sweep
 
 
 def timed_sweep(study, executor: str, options: list[str], uri: str) -> tuple[float, list]:

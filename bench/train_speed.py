@@ -33,14 +33,17 @@ import time
 
 import torch
 
-from cifarx import config as cfg, inference, loop, runs, tracking
-from cifarx.data import resolve_data_dir
-from cifarx.registry import catalog
+from cifarx import runs
+from cifarx.inference import predict as inference
+from cifarx.plugin_api.registry import catalog
+from cifarx.tracking import lifecycle, run as tracking_run
+from cifarx.training import config as cfg, loop
+from cifarx.training.data import resolve_data_dir
 
 from baseline import train_baseline
 
 
-def timed_run(run: tracking.Run) -> list[float]:
+def timed_run(run: tracking_run.Run) -> list[float]:
     """Wrap every logging method of ``run`` to add its duration to the returned list."""
     spent = [0.0]
     for name in ("log_params", "set_tags", "log_points", "log_figure", "log_dict", "log_dataset",
@@ -65,7 +68,7 @@ def instrumented_runs(marks: dict):
     def start_run(*args, **kwargs):
         @contextlib.contextmanager
         def opened():
-            with tracking.start_run(*args, **kwargs) as run:
+            with lifecycle.start_run(*args, **kwargs) as run:
                 marks["opened"] = time.perf_counter()
                 marks["spent"] = timed_run(run)
                 yield run
@@ -86,7 +89,7 @@ def replay_cost(history: dict[str, list[tuple[int, float]]], uri: str) -> tuple[
         for step, value in values:
             by_step.setdefault(step, []).append((key, value))
     last = max(by_step)
-    with tracking.start_run(uri, "bench", "replayed metrics", {}) as run:
+    with lifecycle.start_run(uri, "bench", "replayed metrics", {}) as run:
         wall, cpu = time.perf_counter(), time.process_time()
         now = int(time.time() * 1000)
         for end in range(loop.FLUSH_EVERY, last + loop.FLUSH_EVERY, loop.FLUSH_EVERY):

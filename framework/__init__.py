@@ -11,12 +11,13 @@ It imports no torch, mlflow or matplotlib: ``cifarx --help`` starts in a fractio
 
 from importlib.metadata import PackageNotFoundError, version as _version
 
+from . import _moved  # noqa: F401  keeps the old module paths working
 from .errors import UserError
-from .hookspecs import hookimpl
-from .options import Option, OptionError
-from .plugin_types import (Analysis, AnalysisData, Architecture, Attack, AttackResult,
-                           Augmentation, Dataset, Executor, Family, Findings, ImageData, Probe)
-from .weights import rebuilding
+from .plugin_api.hookspecs import hookimpl
+from .plugin_api.options import Option, OptionError
+from .plugin_api.types import (Analysis, AnalysisData, Architecture, Attack, AttackResult,
+                               Augmentation, Dataset, Executor, Family, Findings, ImageData, Probe)
+from .tracking.weights import rebuilding
 
 try:
     __version__ = _version("cifarx")

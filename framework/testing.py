@@ -62,7 +62,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
 
-from .registry import Registry, selecting, set_registry
+from .plugin_api.registry import Registry, selecting, set_registry
 
 
 @contextmanager
@@ -88,7 +88,7 @@ def run_cli(*args: str, plugins: Iterable[object] = (), **invoke: Any):
     """
     from typer.testing import CliRunner
 
-    from .cli import app  # imported here: `import cifarx.testing` stays light
+    from .cli.common import app  # imported here: `import cifarx.testing` stays light
 
     invoke.setdefault("catch_exceptions", False)
     # a plugin's exception keeps its traceback here (the command line shows one line)

@@ -213,7 +213,7 @@ def sanity_check(name: str, maps: Callable[..., Tensor], model: nn.Module, data:
 
 def _example_rows(labels: Tensor, count: int = 3) -> list[int]:
     """A few images of different classes, for the figures that show only some."""
-    from cifarx.adversarial import figure_rows
+    from cifarx.inference.adversarial import figure_rows
 
     return figure_rows(labels, count)[:count]
 
@@ -222,7 +222,7 @@ def analyze_attribution(name: str, maps: Callable[..., Tensor], model: nn.Module
                         data: AnalysisData, sanity: bool = False, **values) -> Findings:
     """Maps of the true class for the chosen images (and their adversarial versions), the
     figure, ``attributions/<name>.pt`` and, with ``sanity``, the randomization test."""
-    from cifarx.adversarial import figure_rows
+    from cifarx.inference.adversarial import figure_rows
 
     net = attributable(model)
     maps_of = lambda images, targets: attribute(maps, net, images, targets, values)  # noqa: E731
@@ -418,8 +418,8 @@ def sanity_figure(name: str, layers: list[str], rhos: list[Tensor], images: Tens
 
 def confusion_matrix(model: nn.Module, data: AnalysisData) -> Findings:
     """Accuracy, loss and per-class accuracy on the test split, and its confusion matrix."""
-    from cifarx.evaluation import confusion
     from cifarx.figures import confusion_matrix as draw
+    from cifarx.inference.report import confusion
 
     report = confusion(data.test_logits, data.test_labels, data.classes)
     metrics = {"test/acc": report.accuracy, "test/loss": report.loss,

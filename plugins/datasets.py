@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from cifarx import Dataset, ImageData, Option, UserError, hookimpl
-from cifarx.data import download, extract, gunzip, md5sum
+from cifarx.training.data import download, extract, gunzip, md5sum
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"

@@ -33,7 +33,7 @@ from multiprocessing.connection import wait
 from urllib.parse import urlparse
 
 from cifarx import Executor, Option, OptionError, UserError, hookimpl
-from cifarx.trials import Outcome, Trial, run_trial
+from cifarx.studies.trials import Outcome, Trial, run_trial
 
 GRACE = 15.0  # seconds an interrupted trial has to end its run before its worker is killed
 PROBE_SECONDS = 3.0  # how long a Ray address may take to answer
@@ -49,7 +49,7 @@ def with_threads(trial: Trial, threads: int) -> Trial:
 def lost(trial: Trial, status: str, error: str) -> Outcome:
     """The outcome of a trial whose worker is gone: the run it opened, if any, ends ``status``
     (it would stay RUNNING otherwise)."""
-    from cifarx.trials import _run_of
+    from cifarx.studies.trials import _run_of
 
     run_id = _run_of(trial)
     if run_id:
@@ -74,7 +74,8 @@ def serve(conn, env: dict[str, str], selection: list | None = None):
     signal.signal(signal.SIGINT, signal.default_int_handler)
     os.environ.update(env)
     try:
-        from cifarx import registry, runs  # noqa: F401  torch, MLflow and the plugins, once
+        from cifarx import runs  # noqa: F401  torch, MLflow and the plugins, once
+        from cifarx.plugin_api import registry  # noqa: F401
 
         if selection is not None:
             registry.set_registry(registry.selecting(selection))
@@ -98,7 +99,7 @@ class Worker:
     """One worker process, and the trial it runs (None: idle)."""
 
     def __init__(self, context, env: dict[str, str]):
-        from cifarx.registry import registry
+        from cifarx.plugin_api.registry import registry
 
         self.env = env
         self.conn, theirs = context.Pipe()

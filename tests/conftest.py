@@ -79,7 +79,7 @@ def in_tmp(tmp_path) -> Path:
 @pytest.fixture
 def register_plugin():
     """Register a plugin object with the process-wide registry for one test."""
-    from cifarx.registry import registry
+    from cifarx.plugin_api.registry import registry
 
     names = []
 

@@ -7,12 +7,12 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from cifarx.adversarial import SET_ARTIFACT, for_attack
-from cifarx.config import TrainConfig, plan
-from cifarx.console import transfer_table
-from cifarx.registry import catalog
+from cifarx.cli.console import transfer_table
+from cifarx.inference.adversarial import SET_ARTIFACT, for_attack
+from cifarx.plugin_api.registry import catalog
 from cifarx.runs import Tracking, train_run
-from cifarx.tracking import load_model
+from cifarx.tracking.models import load_model
+from cifarx.training.config import TrainConfig, plan
 
 from test_attacks import BOOL, FLOAT, WHOLE, exactly, no_option, refused
 from test_cli import cli, one_line_error
@@ -220,8 +220,8 @@ def test_an_attack_flag_is_named_in_its_message(models, data_dir, tracking_uri, 
 
 def test_attack_run_and_transfer_run_from_python(models, data_dir, tracking_uri, tmp_path):
     """The runs layer the CLI calls: what it returns is what it logged."""
+    from cifarx.inference.transfer import transfer_scores
     from cifarx.runs import AttackConfig, TransferConfig, attack_run, transfer_run
-    from cifarx.transfer import transfer_scores
 
     heard = []
     before = len(runs_in(tracking_uri))

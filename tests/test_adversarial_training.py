@@ -8,12 +8,12 @@ import torch.nn.functional as F
 from mlflow import MlflowClient
 
 from cifarx import Attack, AttackResult, Augmentation, Option, UserError, hookimpl
-from cifarx.adversarial import check_training_attack, perturb
-from cifarx.config import TrainConfig, plan
-from cifarx.data import TrainingImages
-from cifarx.loop import train
-from cifarx.registry import catalog
+from cifarx.inference.adversarial import check_training_attack, perturb
+from cifarx.plugin_api.registry import catalog
 from cifarx.runs import Tracking, train_run
+from cifarx.training.config import TrainConfig, plan
+from cifarx.training.data import TrainingImages
+from cifarx.training.loop import train
 
 from test_adversarial import last_run_id, runs_in
 from test_attacks import FLOAT, WHOLE, exactly, no_option, refused

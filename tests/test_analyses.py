@@ -12,13 +12,13 @@ from mlflow import MlflowClient
 from torch import nn
 
 from cifarx import AnalysisData, OptionError
-from cifarx.analysis import choose, plan
-from cifarx.model import Classifier
+from cifarx.inference.analysis import choose, plan
+from cifarx.plugin_api.registry import catalog
 from cifarx.plugins.analyses import (grad_cam_maps, guided_backprop_maps,
                                      integrated_gradients_maps, randomized_copies,
                                      saliency_maps, sanity_check, spearman)
-from cifarx.registry import catalog
 from cifarx.testing import run_cli
+from cifarx.training.model import Classifier
 
 CLASSES = ("red", "green", "blue")
 

@@ -10,12 +10,12 @@ from typer.testing import CliRunner
 
 from cifarx import UserError
 from cifarx.cli import app
-from cifarx.config import resolve_plugin_options
-from cifarx.model import describe
+from cifarx.plugin_api.registry import catalog
 from cifarx.plugins.architectures import (EXTRA_LAYERS, ResidualConv, build_convonly,
                                           build_plain20, build_residual, build_table1)
 from cifarx.plugins.timm_models import resolve as resolve_timm
-from cifarx.registry import catalog
+from cifarx.training.config import resolve_plugin_options
+from cifarx.training.model import describe
 
 
 def count(net: nn.Module, kind: type) -> int:

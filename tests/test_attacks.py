@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from cifarx import Attack, AttackResult, Option, OptionError, UserError
-from cifarx.adversarial import choose, for_attack, resolve_target, selection
-from cifarx.config import TrainConfig, plan, resolve_plugin_options
-from cifarx.loop import train
-from cifarx.options import convert, parse_assignments, parse_number
-from cifarx.registry import catalog
+from cifarx.inference.adversarial import choose, for_attack, resolve_target, selection
+from cifarx.plugin_api.options import convert, parse_assignments, parse_number
+from cifarx.plugin_api.registry import catalog
+from cifarx.training.config import TrainConfig, plan, resolve_plugin_options
+from cifarx.training.loop import train
 
 EPS = 1 / 255
 
@@ -132,8 +132,8 @@ def test_targeted_attacks_reach_their_target(tiny, name, options):
         assert (result.images - result.start).abs().max() <= result.steps.max() * 2 / 255 + 1e-6
 
 
-# What the options schema accepts, in its words (cifarx.options.Option.accepted), and its two
-# messages, naming the flag and the value the user typed; test_adversarial and
+# What the options schema accepts, in its words (cifarx.plugin_api.options.Option.accepted), and its
+# two messages, naming the flag and the value the user typed; test_adversarial and
 # test_adversarial_training use them too.
 FLOAT = "a number (or a fraction: 8/255)"
 WHOLE = "a whole number"
@@ -321,7 +321,7 @@ def test_choosing_correctly_classified_images_per_class():
 def test_an_image_that_fails_is_replaced_by_the_next_of_its_class():
     """A fake attack that fails on odd test indices: each failure is replaced by the next spare
     of its class until one succeeds; with no spares left the failure stays, marked failed."""
-    from cifarx.adversarial import attack_images
+    from cifarx.inference.adversarial import attack_images
 
     images = torch.arange(12, dtype=torch.uint8).view(12, 1, 1, 1).expand(12, 3, 2, 2)
     labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2])

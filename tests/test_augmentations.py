@@ -6,14 +6,15 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from mlflow import MlflowClient
 
-from cifarx import UserError, loop
-from cifarx.config import TrainConfig, build_pipeline, plan
+from cifarx import UserError
+from cifarx.plugin_api.registry import catalog, registry
 from cifarx.plugins.augmentations import (Scale, Standardize, channel_stats, color_jitter,
                                           cutmix, fit_raw, fit_standardize, gaussian_blur,
                                           gaussian_noise, mixup, random_affine, random_crop,
                                           random_erasing, random_flip, random_grayscale,
                                           random_rotation, salt_and_pepper, shift_hue)
-from cifarx.registry import catalog, registry
+from cifarx.training import loop
+from cifarx.training.config import TrainConfig, build_pipeline, plan
 
 from test_cli import QUICK, cli, one_line_error
 
@@ -465,7 +466,8 @@ def test_adversarial_training_with_mixup_attacks_clean_labels_then_mixes(data_di
 def test_the_mixup_study_plans_flip_crop_against_mixup_and_cutmix():
     from pathlib import Path
 
-    from cifarx.studies import configurations, load
+    from cifarx.studies.configurations import configurations
+    from cifarx.studies.study import load
 
     study = load(Path(__file__).resolve().parents[1] / "studies" / "mixup.toml")
     points = configurations(study)

@@ -5,8 +5,8 @@ import torch
 from mlflow import MlflowClient
 
 from cifarx import UserError
-from cifarx.config import TrainConfig
 from cifarx.runs import CHECKPOINT, Tracking, resume_run, train_run
+from cifarx.training.config import TrainConfig
 
 
 def config(data_dir, **changes):

@@ -164,7 +164,7 @@ def test_the_progress_line_keeps_bar_count_and_speed_at_80_columns(width, monkey
 
     from rich.console import Console
 
-    from cifarx import console
+    from cifarx.cli import console
 
     monkeypatch.setattr(console, "err", Console(file=io.StringIO(), width=width))
     shown = console.TrainingProgress(2000, 100, "table1 (flip,normalize,crop)")
@@ -204,7 +204,7 @@ def test_a_command_puts_back_the_sigterm_handler_it_replaced(data_dir, tmp_path)
 def test_progress_is_plain_lines_as_it_goes_when_output_is_not_a_terminal(data_dir, tmp_path,
                                                                           monkeypatch):
     """With output to a file nothing appeared until the run ended (a killed run: nothing)."""
-    from cifarx.console import TrainingProgress
+    from cifarx.cli.console import TrainingProgress
 
     monkeypatch.setattr(TrainingProgress, "EVERY", 0.0)  # a line at every metrics flush
     result = cli("train", *QUICK, "--data-dir", data_dir,

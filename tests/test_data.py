@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from cifarx import UserError
-from cifarx.data import BatchSampler, resolve_data_dir
 from cifarx.plugins import datasets
 from cifarx.plugins.datasets import load_cifar10, read_batch
+from cifarx.training.data import BatchSampler, resolve_data_dir
 
 from conftest import CLASSES, synthetic_images, write_cifar_layout
 

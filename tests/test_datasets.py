@@ -16,10 +16,10 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from cifarx import UserError
-from cifarx.config import TrainConfig, plan
+from cifarx.plugin_api.registry import catalog
 from cifarx.plugins import datasets
 from cifarx.plugins.datasets import load_cifar100, load_fashion_mnist, load_image_folder, load_mnist
-from cifarx.registry import catalog
+from cifarx.training.config import TrainConfig, plan
 
 from test_cli import cli, one_line_error
 
@@ -306,7 +306,7 @@ def test_train_then_attack_on_fashion_mnist(tmp_path, in_tmp):
     assert run.data.metrics["final/test_acc"] >= 0.5  # 10 templates plus noise: learnable
     assert "grad_max/first_conv" in run.data.metrics
 
-    from cifarx.tracking import load_model
+    from cifarx.tracking.models import load_model
 
     model = load_model(f"runs:/{run.info.run_id}/model", uri)
     assert model.classes == tuple(torchvision.datasets.FashionMNIST.classes)

@@ -5,11 +5,11 @@ import torch
 from torch import nn
 
 from cifarx import Architecture, Probe, UserError, hookimpl
-from cifarx.config import TrainConfig, parse_list, plan
-from cifarx.inference import predict
-from cifarx.loop import train
-from cifarx.optim import DEFAULTS, lr_factor
-from cifarx.registry import registry
+from cifarx.inference.predict import predict
+from cifarx.plugin_api.registry import registry
+from cifarx.training.config import TrainConfig, parse_list, plan
+from cifarx.training.loop import train
+from cifarx.training.optim import DEFAULTS, lr_factor
 
 
 def quick(data_dir, **overrides) -> TrainConfig:
@@ -134,7 +134,7 @@ def test_saved_model_takes_pixels_in_0_1_and_normalizes_itself(data_dir):
 
 
 def test_precision_auto_resolves_per_device_and_is_logged(data_dir, monkeypatch):
-    from cifarx import inference
+    from cifarx.inference import predict as inference
 
     for fast, expected in ((True, "bf16"), (False, "fp32")):
         monkeypatch.setattr(inference, "bf16_is_fast", lambda device, fast=fast: fast)
@@ -178,7 +178,7 @@ def test_probes_run_after_backward_and_their_values_are_kept(data_dir, register_
 
 
 def test_evaluation_folds_batchnorm_into_a_copy_and_gives_the_same_logits():
-    from cifarx.inference import folded
+    from cifarx.inference.predict import folded
     from cifarx.plugins.architectures import build_table1
 
     net = build_table1()

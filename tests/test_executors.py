@@ -13,9 +13,9 @@ import mlflow
 import pytest
 
 from cifarx import OptionError, UserError
-from cifarx.config import TrainConfig
-from cifarx.registry import registry
-from cifarx.trials import EXECUTOR_TAG, TRIAL_TAG, Trial
+from cifarx.plugin_api.registry import registry
+from cifarx.studies.trials import EXECUTOR_TAG, TRIAL_TAG, Trial
+from cifarx.training.config import TrainConfig
 
 from fake_dists import activate, make_dist
 

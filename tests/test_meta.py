@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from cifarx import hookspecs
-from cifarx.plugin_types import KINDS
+from cifarx.plugin_api import hookspecs
+from cifarx.plugin_api.types import KINDS
 
 from test_registry import EveryKind
 
@@ -57,7 +57,7 @@ def test_guide_plugin_examples_run(register_plugin, tmp_path):
     import torch
     import torch.nn.functional as F
 
-    from cifarx.registry import registry
+    from cifarx.plugin_api.registry import registry
 
     assert len(guide_examples()) == 9
     modules = guide_plugins()
@@ -102,7 +102,7 @@ def test_guide_plugin_examples_run(register_plugin, tmp_path):
     assert torch.equal(result.success, net(adv).argmax(1) != labels)
 
     from cifarx import OptionError
-    from cifarx.trials import Outcome
+    from cifarx.studies.trials import Outcome
 
     inline = cat.get("executor", "inline")
     example = next(m for m in modules if hasattr(m, "run_inline"))
@@ -135,8 +135,8 @@ def test_spawn_executor_example_runs_trials(tmp_path, monkeypatch, tracking_uri,
 
     import mlflow
 
-    from cifarx.config import TrainConfig
-    from cifarx.trials import Trial
+    from cifarx.studies.trials import Trial
+    from cifarx.training.config import TrainConfig
 
     (source,) = [b for b in guide_examples() if "get_context(\"spawn\")" in b]
     (tmp_path / "guide_spawn_executor.py").write_text(source)
@@ -193,7 +193,7 @@ def test_the_reference_documents_every_command_and_option():
 
 
 def test_the_reference_documents_every_builtin_plugin_and_option():
-    from cifarx.registry import registry
+    from cifarx.plugin_api.registry import registry
 
     reference = reference_module()
     text = reference.plugins_markdown()
@@ -259,7 +259,7 @@ CLI_NAME = {"probes": "probe", "arch_options": "arch_opt", "aug_options": "aug_o
 def test_cli_train_and_trainconfig_declare_the_same_options_and_defaults():
     import dataclasses
 
-    from cifarx.config import TrainConfig
+    from cifarx.training.config import TrainConfig
 
     options = cli_options("train")
     fields = {f.name: f.default for f in dataclasses.fields(TrainConfig)}

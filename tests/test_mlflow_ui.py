@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from cifarx.config import TrainConfig, plan
 from cifarx.runs import AnalyzeConfig, AttackConfig, Tracking, analyze_run, attack_run, train_run
-from cifarx.studies import configurations, load
-from cifarx.sweep import param_of, run_namer, trial_run_name
+from cifarx.studies.configurations import configurations
+from cifarx.studies.study import load
+from cifarx.studies.sweep_plan import param_of, run_namer, trial_run_name
 from cifarx.testing import run_cli
+from cifarx.training.config import TrainConfig, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 LINK = re.compile(r"\[([^\]]+)\]\(#/experiments/(\w+)/runs/(\w+)\?workflowType=machine_learning\)")
@@ -66,7 +67,7 @@ def test_every_shipped_study_names_its_trials_apart_within_the_name_column(study
 
 
 def test_axes_with_one_value_in_every_configuration_are_left_out_of_the_names():
-    from cifarx.studies import from_dict
+    from cifarx.studies.study import from_dict
 
     study = from_dict({"seeds": 2, "configurations": [
         {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9},

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from mlflow import MlflowClient
 
-from cifarx.config import TrainConfig, plan
-from cifarx.tracking import load_model
+from cifarx.tracking.models import load_model
+from cifarx.training.config import TrainConfig, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -103,7 +103,7 @@ def test_ui_of_a_tracking_server_says_where_its_ui_is(tmp_path):
 
 
 def test_the_hint_after_a_run_opens_the_server_or_a_ui_command_that_works(monkeypatch):
-    from cifarx.console import ui_hint
+    from cifarx.cli.console import ui_hint
 
     assert ui_hint("http://10.0.0.5:5000", "3", "abc") == \
         "open it: http://10.0.0.5:5000/#/experiments/3/runs/abc?workflowType=machine_learning"

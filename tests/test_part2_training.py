@@ -8,11 +8,11 @@ from typer.testing import CliRunner
 
 from cifarx import Architecture, UserError, hookimpl
 from cifarx.cli import app
-from cifarx.config import TrainConfig, plan
 from cifarx.errors import Diverged
-from cifarx.loop import assemble, train
 from cifarx.runs import Tracking, train_run
-from cifarx.tracking import as_logged
+from cifarx.tracking.run import as_logged
+from cifarx.training.config import TrainConfig, plan
+from cifarx.training.loop import assemble, train
 
 from test_cli import QUICK, one_line_error
 

@@ -10,12 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from cifarx import OptionError, UserError
-from cifarx.config import resolve_many
+from cifarx.plugin_api.registry import catalog
 from cifarx.plugins.architectures import build_convonly
 from cifarx.plugins.probes import (attach_grad_max, attach_grad_norm, grad_max_figure,
                                    grad_norm_figure)
 from cifarx.plugins.timm_models import resolve
-from cifarx.registry import catalog
+from cifarx.training.config import resolve_many
 
 
 def two_convs(w1: float, w2: tuple[float, float]) -> nn.Sequential:

@@ -6,8 +6,8 @@ from torch import nn
 
 from cifarx import (Analysis, Architecture, Attack, AttackResult, Augmentation, Dataset, Family,
                     Findings, ImageData, Probe, UserError, hookimpl)
-from cifarx.plugin_types import Executor
-from cifarx.registry import Registry, registry
+from cifarx.plugin_api.registry import Registry, registry
+from cifarx.plugin_api.types import Executor
 
 from fake_dists import ARCH_PLUGIN, activate, make_dist
 
@@ -104,7 +104,7 @@ def test_allow_list_limits_third_party_packages_but_not_builtins(tmp_path, monke
 
 
 def test_allow_list_from_the_environment(tmp_path, monkeypatch):
-    import cifarx.registry as reg_module
+    import cifarx.plugin_api.registry as reg_module
 
     make_dist(tmp_path, "cifarx-one", "one_plugin", ARCH_PLUGIN.format(name="one", package="x"))
     activate(tmp_path, monkeypatch)
@@ -172,7 +172,7 @@ class EveryKind:
     @hookimpl
     def register_executors(self, register):
         def run(trials, on_outcome):
-            from cifarx.trials import run_trial
+            from cifarx.studies.trials import run_trial
             for trial in trials:
                 on_outcome(run_trial(trial))
         register(Executor(name="test-executor", run=run, summary="every trial in this process"))
@@ -293,7 +293,7 @@ def test_a_hookimpl_with_a_wrong_argument_is_a_one_line_problem(tmp_path, monkey
 @pytest.mark.parametrize("value", ["cifarx-two, cifarx-one", " cifarx_two ,cifarx-one,",
                                    "cifarx-two,, cifarx-one "])
 def test_allow_list_strips_spaces_around_names(tmp_path, monkeypatch, value):
-    import cifarx.registry as reg_module
+    import cifarx.plugin_api.registry as reg_module
 
     for package, module in (("cifarx-one", "one_plugin"), ("cifarx-two", "two_plugin")):
         make_dist(tmp_path / package, package, module,
@@ -307,7 +307,7 @@ def test_allow_list_strips_spaces_around_names(tmp_path, monkeypatch, value):
 
 
 def test_parse_allow():
-    from cifarx.registry import parse_allow
+    from cifarx.plugin_api.registry import parse_allow
 
     assert parse_allow(None) is None
     assert parse_allow("") == set() == parse_allow(" , ")
@@ -363,7 +363,7 @@ def test_a_package_registering_flip_leaves_the_default_run_alone(tmp_path, monke
     from typer.testing import CliRunner
 
     from cifarx.cli import app
-    from cifarx.registry import set_registry
+    from cifarx.plugin_api.registry import set_registry
 
     make_dist(tmp_path / "dist", "cifarx-flipper", "flipper_plugin", FLIP_PLUGIN)
     activate(tmp_path / "dist", monkeypatch)
@@ -471,7 +471,7 @@ def test_a_plugin_that_raises_during_training_is_named_in_one_line(tmp_path, mon
     from typer.testing import CliRunner
 
     from cifarx.cli import app
-    from cifarx.registry import set_registry
+    from cifarx.plugin_api.registry import set_registry
 
     make_dist(tmp_path / "dist", "cifarx-shears", "shears_plugin", BROKEN_AUG, version="0.2")
     activate(tmp_path / "dist", monkeypatch)

@@ -6,9 +6,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from cifarx import Architecture, UserError, hookimpl
-from cifarx.config import TrainConfig, plan
-from cifarx.loop import assemble, l1_weights, train
 from cifarx.testing import run_cli
+from cifarx.training.config import TrainConfig, plan
+from cifarx.training.loop import assemble, l1_weights, train
 
 
 class Small:

@@ -12,8 +12,8 @@ from mlflow import MlflowClient
 from scipy import stats
 from typer.testing import CliRunner
 
-from cifarx import compare as cmp
 from cifarx.cli import app
+from cifarx.studies import compare as cmp
 
 runner = CliRunner()
 
@@ -155,7 +155,7 @@ def test_report_of_a_sweep(swept, tmp_path):
         acc[aug][int(r.data.params["seed"])] = r.data.metrics["final/test_acc"]
     p = stats.ttest_rel([acc["flip"][s] for s in range(3)],
                         [acc["normalize"][s] for s in range(3)]).pvalue
-    from cifarx.report import _p
+    from cifarx.reports.report import _p
     assert f"| {_p(p)} |" in md
     # logged with the sweep, and the same bytes when made again
     logged = {a.path for a in client.list_artifacts(sweep, "report")}

@@ -9,9 +9,10 @@ import pytest
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from cifarx import loop, runs
+from cifarx import runs
 from cifarx.cli import app
-from cifarx.config import TrainConfig
+from cifarx.training import loop
+from cifarx.training.config import TrainConfig
 
 runner = CliRunner()
 

@@ -15,9 +15,11 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 
-from cifarx import console, spool
+from cifarx.cli import console
 from cifarx.testing import run_cli
-from cifarx.tracking import as_logged, load_model
+from cifarx.tracking import server as tracking_server, spool, sync
+from cifarx.tracking.models import load_model
+from cifarx.tracking.run import as_logged
 
 TRAIN = ["--iters", "60", "--batch-size", "20", "--eval-every", "20", "--threads", "1",
          "--device", "cpu", "--aug", "flip", "--no-system-metrics", "--experiment", "outage"]
@@ -48,7 +50,7 @@ class Server:
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
         deadline = time.monotonic() + limit
-        while spool.silence(self.uri) is not None:
+        while tracking_server.silence(self.uri) is not None:
             assert self.process.poll() is None, (self.folder / "server.log").read_text()[-2000:]
             assert time.monotonic() < deadline, "mlflow server did not start"
             time.sleep(0.25)
@@ -183,7 +185,7 @@ def test_a_run_whose_server_dies_ends_in_a_spool_that_sync_completes(
 
 def test_a_server_that_comes_back_during_the_run_gets_the_rest(
         server, data_dir, spool_dir, at_step):
-    server.start() if spool.silence(server.uri) else None
+    server.start() if tracking_server.silence(server.uri) else None
     measured = at_step({20: server.kill, 40: server.start})
     result = run_cli("train", *TRAIN, "--data-dir", data_dir, "--tracking-uri", server.uri)
     assert result.exit_code == 0, result.output
@@ -211,11 +213,11 @@ def test_only_a_server_that_is_missing_counts_as_an_outage():
         response.status_code = status
         return requests.HTTPError(response=response)
 
-    assert spool.is_outage(MlflowException("API request to http://x failed with exception ..."))
-    assert spool.is_outage(requests.ConnectionError()) and spool.is_outage(http_error(503))
-    assert not spool.is_outage(RestException({"error_code": "INVALID_PARAMETER_VALUE",
+    assert tracking_server.is_outage(MlflowException("API request to http://x failed with exception ..."))
+    assert tracking_server.is_outage(requests.ConnectionError()) and tracking_server.is_outage(http_error(503))
+    assert not tracking_server.is_outage(RestException({"error_code": "INVALID_PARAMETER_VALUE",
                                               "message": "bad value"}))
-    assert not spool.is_outage(http_error(404)) and not spool.is_outage(ValueError())
+    assert not tracking_server.is_outage(http_error(404)) and not tracking_server.is_outage(ValueError())
 
 
 def test_a_link_spools_in_order_while_the_server_is_lost_and_uploads_when_back(
@@ -240,10 +242,10 @@ def test_a_link_spools_in_order_while_the_server_is_lost_and_uploads_when_back(
     link.deliver("artifact", {"file": str(note), "dir": "notes"})
     note.write_text("changed after")  # the spool keeps a copy
     assert link.lost and sent == [] and link.spool.records() == 3
-    assert not spool.sync([spool.Spool(spool_dir / "run1")])[0].records  # still being written
+    assert not sync.sync([spool.Spool(spool_dir / "run1")])[0].records  # still being written
 
     down[0] = False
-    monkeypatch.setattr(spool, "silence", lambda uri, timeout=None: None)
+    monkeypatch.setattr(tracking_server, "silence", lambda uri, timeout=None: None)
     assert link.live(recheck=True)  # the server answers: the spool is uploaded first
     link.deliver("params", {"params": {"p": "2"}})
     assert sent == [("metrics", {"points": [["a", 1.0, 1, 5]]}), ("tags", {"tags": {"t": "1"}}),

@@ -10,7 +10,8 @@ import matplotlib.pyplot as plt
 import pytest
 from scipy import special, stats as sps
 
-from cifarx import figures, stats
+from cifarx import figures
+from cifarx.studies import stats
 
 ACC = {"a": [0.80, 0.82, 0.84], "b": [0.78, 0.80, 0.82], "c": [0.70, 0.71, 0.72]}
 LOSS = {"a": [0.5, 0.4, 0.6], "b": [0.3, 0.5, None], "c": [0.9, float("nan"), 0.7]}
@@ -270,7 +271,7 @@ def test_the_ranked_table_keeps_every_value_whole_in_a_log_and_a_narrow_terminal
 
     from rich.console import Console
 
-    from cifarx import console
+    from cifarx.cli import console
 
     long_axes = {key: {"weight-decay": 0.0005, "optimizer": f"nesterov-{key}" * 3}
                  for key in ACC}
@@ -292,7 +293,7 @@ def test_the_ranked_table_keeps_every_value_whole_in_a_log_and_a_narrow_terminal
 def test_boolean_axes_read_as_the_study_writes_them(tmp_path):
     from rich.console import Console
 
-    from cifarx import console
+    from cifarx.cli import console
 
     axes = {"a": {"batchnorm": True}, "b": {"batchnorm": False}, "c": {"batchnorm": False}}
     ranked = stats.rank(stats.summarize(trials(axes=axes), ["test/acc"]), "test/acc")

@@ -1,4 +1,4 @@
-"""cifarx.store.prepare_store: runs started at once into one SQLite store all succeed.
+"""cifarx.tracking.store.prepare_store: runs started at once into one SQLite store all succeed.
 
 Each test starts real processes: MLflow's schema set-up races only between processes. They
 import mlflow, then wait at a barrier (a file) so that all open the store at the same moment.
@@ -21,7 +21,7 @@ import os, sys, time
 uri, use_fix, ready, go = sys.argv[1], sys.argv[2] == "1", sys.argv[3], sys.argv[4]
 import mlflow
 from mlflow.entities import Metric
-from cifarx.store import prepare_store
+from cifarx.tracking.store import prepare_store
 open(ready, "w").close()
 while not os.path.exists(go):
     time.sleep(0.01)
@@ -128,7 +128,7 @@ def test_without_it_the_schema_set_up_races(tmp_path):
 def test_other_stores_are_left_alone_and_the_import_is_cheap(tmp_path):
     uris = ["http://localhost:1", "postgresql://u:p@localhost:1/db", "file:///nowhere/mlruns",
             "sqlite://", "sqlite:///:memory:"]
-    code = ("import sys; from cifarx.store import prepare_store\n"
+    code = ("import sys; from cifarx.tracking.store import prepare_store\n"
             "for uri in sys.argv[1:]: prepare_store(uri)\n"
             "heavy = [m for m in ('mlflow', 'torch', 'sqlalchemy', 'filelock')"
             " if m in sys.modules]\n"

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 
 from cifarx import UserError
-from cifarx.config import plan
-from cifarx.studies import (axes_of, configurations, from_dict, load, overrides, raw_of,
-                            with_flags)
+from cifarx.studies.configurations import configurations
+from cifarx.studies.study import axes_of, from_dict, load, overrides, raw_of, with_flags
+from cifarx.training.config import plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -152,7 +152,7 @@ def test_bad_study_files_are_one_clear_error(tmp_path, text, message):
 
 
 def test_a_value_an_option_refuses_names_the_configuration():
-    from cifarx.sweep import plan_sweep
+    from cifarx.studies.sweep_plan import plan_sweep
 
     study = from_dict({"grid": {"arch-opt.activation": ["relu", "tanh"]}})
     with pytest.raises(UserError, match=r"study \(arch-opt.activation=tanh\): --arch-opt "
@@ -170,8 +170,8 @@ def test_a_trials_key_holds_only_the_options_it_changes():
     still resume."""
     import dataclasses
 
-    from cifarx.config import TrainConfig
-    from cifarx.studies import config_key
+    from cifarx.studies.configurations import config_key
+    from cifarx.training.config import TrainConfig
 
     base = TrainConfig(arch="table1", lr=0.05, seed=1)
     assert config_key(base) == config_key(TrainConfig(seed=1, lr=0.05))  # table1 is the default

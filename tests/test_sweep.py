@@ -183,8 +183,9 @@ def test_a_resumed_sweep_continues_an_interrupted_trial_from_its_checkpoint(data
     import time
 
     from cifarx.runs import CHECKPOINT
-    from cifarx.studies import from_dict
-    from cifarx.sweep import plan_sweep, sweep_run
+    from cifarx.studies.study import from_dict
+    from cifarx.studies.sweep import sweep_run
+    from cifarx.studies.sweep_plan import plan_sweep
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     study = from_dict({"experiment": "ckpt-sweep", "seeds": 1, "train": {
@@ -220,7 +221,7 @@ def test_a_sweep_whose_every_trial_failed_exits_1_and_a_resume_that_completes_th
     failed-trials tag stale; a resume overwrote sweep/seconds; the sweep run did not record its
     executor's package."""
     from cifarx import Executor, hookimpl
-    from cifarx.trials import Outcome, run_trial
+    from cifarx.studies.trials import Outcome, run_trial
 
     calls = []
 

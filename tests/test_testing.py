@@ -9,10 +9,10 @@ import types
 import pytest
 from torch import nn
 
-import cifarx.registry as registry_module
+import cifarx.plugin_api.registry as registry_module
 import cifarx.testing
 from cifarx import Architecture, hookimpl
-from cifarx.registry import registry
+from cifarx.plugin_api.registry import registry
 from cifarx.testing import run_cli, use_plugins
 
 from fake_dists import ARCH_PLUGIN, activate, make_dist

@@ -8,8 +8,8 @@ from typer.testing import CliRunner
 
 from cifarx import OptionError, UserError
 from cifarx.cli import app
+from cifarx.plugin_api.registry import catalog
 from cifarx.plugins.timm_models import resolve
-from cifarx.registry import catalog
 
 from test_cli import QUICK, one_line_error
 
@@ -117,9 +117,9 @@ def test_a_missing_or_unreadable_weights_file_is_a_user_error(tmp_path, offline)
 
 def test_a_model_trained_from_a_weights_file_loads_after_the_file_is_gone(
         tmp_path, offline, data_dir, tracking_uri):
-    from cifarx.config import TrainConfig
     from cifarx.runs import Tracking, train_run
-    from cifarx.tracking import load_model
+    from cifarx.tracking.models import load_model
+    from cifarx.training.config import TrainConfig
 
     path = tmp_path / "weights.pth"
     torch.save(timm.create_model("test_resnet").state_dict(), path)

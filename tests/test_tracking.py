@@ -7,9 +7,11 @@ from mlflow import MlflowClient
 from torch import nn
 
 from cifarx import Architecture, Probe, UserError, hookimpl
-from cifarx.config import TrainConfig
 from cifarx.runs import Tracking, train_run
-from cifarx.tracking import MetricLog, Run, load_model, requirements_for, start_run
+from cifarx.tracking.lifecycle import start_run
+from cifarx.tracking.models import load_model, requirements_for
+from cifarx.tracking.run import MetricLog, Run
+from cifarx.training.config import TrainConfig
 
 
 def quick(data_dir, **overrides):
@@ -215,7 +217,7 @@ def test_experiments_open_on_their_runs_in_the_mlflow_ui(tracking_uri, in_tmp):
 
 
 def test_float32_metrics_are_logged_as_the_numbers_they_are(tracking_uri, in_tmp):
-    from cifarx.tracking import as_logged
+    from cifarx.tracking.run import as_logged
 
     assert as_logged(float(torch.tensor(0.46))) == 0.46  # not 0.46000000834465027
     assert as_logged(float(torch.tensor(1.2068575620651245))) == 1.2068576
@@ -335,8 +337,8 @@ def test_a_dataset_registered_by_another_run_at_the_same_moment_fails_no_run(dat
     import mlflow
     from sqlalchemy.exc import IntegrityError
 
-    from cifarx.config import TrainConfig
     from cifarx.runs import Tracking, train_run
+    from cifarx.training.config import TrainConfig
 
     real = mlflow.MlflowClient.log_inputs
     raised = []
@@ -369,8 +371,8 @@ def test_a_full_disk_while_the_model_is_saved_ends_the_run_failed_in_one_line(da
     import mlflow
     from typer.testing import CliRunner
 
-    from cifarx import tracking, weights
     from cifarx.cli import app
+    from cifarx.tracking import run as tracking, weights
 
     def full(model, recipe, folder):
         raise OSError(errno.ENOSPC, "No space left on device", str(folder / "weights.safetensors"))

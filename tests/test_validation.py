@@ -7,13 +7,14 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from cifarx import UserError, hookimpl, inference
-from cifarx.config import TrainConfig, plan
-from cifarx.loop import EarlyStop, assemble, train
-from cifarx.plugin_types import Executor
+from cifarx import UserError, hookimpl
+from cifarx.inference import predict as inference
+from cifarx.plugin_api.types import Executor
 from cifarx.testing import run_cli
-from cifarx.tracking import load_model
-from cifarx.validation import Selection, holdout_count, stratified_split
+from cifarx.tracking.models import load_model
+from cifarx.training.config import TrainConfig, plan
+from cifarx.training.loop import EarlyStop, assemble, train
+from cifarx.training.validation import Selection, holdout_count, stratified_split
 
 
 def quick(data_dir, **overrides) -> TrainConfig:
@@ -157,7 +158,7 @@ class Inline:
     @hookimpl
     def register_executors(self, register):
         def run(trials, on_outcome):
-            from cifarx.trials import run_trial
+            from cifarx.studies.trials import run_trial
             for trial in trials:
                 on_outcome(run_trial(trial))
         register(Executor(name="inline-test", run=run, summary="every trial in this process"))

@@ -12,11 +12,11 @@ from mlflow import MlflowClient
 from torch import nn
 
 from cifarx import Architecture, UserError, hookimpl
-from cifarx.config import TrainConfig
 from cifarx.runs import Tracking, train_run
 from cifarx.testing import run_cli
-from cifarx.tracking import load_model
-from cifarx.weights import RECIPE, WEIGHTS, rebuilding
+from cifarx.tracking.models import load_model
+from cifarx.tracking.weights import RECIPE, WEIGHTS, rebuilding
+from cifarx.training.config import TrainConfig
 
 
 def trained(data_dir, uri, **overrides):
@@ -99,7 +99,7 @@ def test_an_architecture_that_is_not_installed_is_named(data_dir, tracking_uri,
 
     register_plugin(Tiny())
     done = trained(data_dir, tracking_uri, arch="tiny-net")
-    from cifarx.registry import registry
+    from cifarx.plugin_api.registry import registry
 
     registry().unregister("test-plugin")
     with pytest.raises(UserError, match="tiny-net.*not installed|not installed.*tiny-net"):

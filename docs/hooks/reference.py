@@ -124,8 +124,8 @@ def builtin_entries() -> list:
 
 
 def _options_table(kind: str, name: str, options) -> list[str]:
-    from cifarx.config import OPTION_FLAGS
-    from cifarx.options import describe
+    from cifarx.plugin_api.options import describe
+    from cifarx.training.config import OPTION_FLAGS
 
     if not options:
         return ["Takes no options.", ""]
@@ -201,14 +201,14 @@ def anchor(kind: str, name: str) -> str:
 # --- hookspecs -------------------------------------------------------------------------------
 
 def hook_names() -> list[str]:
-    from cifarx import hookspecs
+    from cifarx.plugin_api import hookspecs
 
     return sorted(name for name, f in vars(hookspecs).items() if hasattr(f, "cifarx_spec"))
 
 
 def hookspecs_markdown() -> str:
-    from cifarx import hookspecs
-    from cifarx.plugin_types import KINDS
+    from cifarx.plugin_api import hookspecs
+    from cifarx.plugin_api.types import KINDS
 
     registers = {hook: cls.__name__ for hook, cls in KINDS.values()}
     out = []
