@@ -164,3 +164,55 @@ def test_the_code_here_uses_the_new_paths():
                         if bits[0] == "cifarx" and len(bits) == 2 and bits[1] in old:
                             found.append(f"{path.relative_to(ROOT)}:{st.lineno}")
     assert not found, f"old module paths (see framework/_moved.py): {found}"
+
+
+OLD_STYLE_PLUGIN = '''
+"""An executor plugin written before the packages: it imports by the old module paths."""
+from cifarx.hookspecs import hookimpl
+from cifarx.options import Option
+from cifarx.plugin_types import Executor
+from cifarx.trials import Outcome, run_trial
+
+
+def run_in_turn(trials, on_outcome, note="old"):
+    for trial in trials:
+        outcome = run_trial(trial)
+        assert isinstance(outcome, Outcome)
+        on_outcome(outcome)
+
+
+@hookimpl
+def register_executors(register):
+    register(Executor(name="in-turn", run=run_in_turn, summary="one trial after another",
+                      options={"note": Option("old", str, help="a note")}))
+'''
+
+
+def test_a_plugin_written_against_the_old_paths_runs_a_sweep(tmp_path, data_dir, monkeypatch):
+    """A third-party plugin that imports cifarx.trials, cifarx.options, ... (the paths before
+    the packages) loads and runs, unchanged."""
+    import json
+
+    from cifarx.testing import run_cli
+
+    (tmp_path / "old_style_plugin.py").write_text(OLD_STYLE_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plugin = importlib.import_module("old_style_plugin")
+    study = tmp_path / "study.toml"
+    study.write_text('experiment = "old-paths"\nseeds = [0]\n[train]\narch = "table1"\niters = 2\n'
+                     'batch-size = 10\n[grid]\nlr = [0.01, 0.1]\n')
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = run_cli("sweep", str(study), "--executor", "in-turn", "--executor-opt",
+                     "note=kept", "--set", f"data-dir={data_dir}", "--tracking-uri", uri,
+                     plugins=[plugin])
+    assert result.exit_code == 0, result.stdout + result.stderr
+    import mlflow
+
+    runs = mlflow.MlflowClient(uri).search_runs(
+        [mlflow.MlflowClient(uri).get_experiment_by_name("old-paths").experiment_id])
+    trials = [r for r in runs if "cifarx.trial" in r.data.tags]
+    sweep = next(r for r in runs if r.data.tags.get("cifarx.sweep") == "true")
+    assert len(trials) == 2 and all(r.info.status == "FINISHED" for r in trials)
+    assert sweep.data.params["executor"] == "in-turn"
+    assert sweep.data.params["executor.note"] == "kept"
+    assert json.loads(sweep.data.tags["cifarx.executor.options"]) == {"note": "kept"}
