@@ -48,20 +48,12 @@ def with_threads(trial: Trial, threads: int) -> Trial:
 
 def lost(trial: Trial, status: str, error: str) -> Outcome:
     """The outcome of a trial whose worker is gone: the run it opened, if any, ends ``status``
-    (it would stay RUNNING otherwise)."""
-    from cifarx.studies.trials import _run_of
+    with the error (it would stay RUNNING, saying nothing, otherwise)."""
+    from cifarx.studies.trials import settle
 
-    run_id = _run_of(trial)
-    if run_id:
-        try:
-            import mlflow
-
-            client = mlflow.MlflowClient(trial.tracking_uri)
-            if client.get_run(run_id).info.status == "RUNNING":
-                client.set_terminated(run_id, status)
-        except Exception:  # the outcome matters more than the run's status
-            pass
-    return Outcome(trial, status, run_id, error=error)
+    outcome = Outcome(trial, status, error=error)
+    settle(outcome)
+    return outcome
 
 
 # --- local: worker processes on this machine --------------------------------------------------

@@ -3,6 +3,7 @@ Ray; a failing trial, a dying worker and Ctrl-C each end only what they should."
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import os
 import socket
@@ -98,6 +99,7 @@ def test_a_failing_trial_or_a_dying_worker_fails_only_that_trial(make_trials, tm
     assert died.error == "worker died: killed by SIGKILL (out of memory?)"
     run = mlflow.MlflowClient(trials[0].tracking_uri).get_run(died.run_id)
     assert run.info.status == "FAILED"  # not left RUNNING
+    assert run.data.tags["cifarx.error"] == died.error  # the run says why (issue 21 item 5)
     assert not multiprocessing.active_children()
 
 
@@ -192,10 +194,15 @@ def test_a_real_ray_head_passes_the_probe(make_trials, monkeypatch):
         ray.shutdown()
 
 
-def test_ray_runs_trials_on_a_local_ray(make_trials, monkeypatch):
+def test_ray_runs_trials_on_a_local_ray(make_trials, monkeypatch, data_dir):
     ray = pytest.importorskip("ray")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    trials = make_trials("ray", {}, {"threads": None})
+    # the data folder only in the sweep's environment, as a user's CIFARX_DATA_DIR: the trials
+    # carry it to the Ray workers (which would try to download CIFAR-10 without it)
+    trials = [dataclasses.replace(t, config=dataclasses.replace(t.config, data_dir=None),
+                                  env={"CIFARX_DATA_DIR": str(data_dir)}, host="sweep-host")
+              for t in make_trials("ray", {}, {"threads": None})]
+    monkeypatch.delenv("CIFARX_DATA_DIR", raising=False)
     outcomes = []
     executor("ray").run(trials, outcomes.append, address="", trial_cpus=1.0, trial_gpus=0.0)
     assert not ray.is_initialized()  # the local Ray it started is stopped
@@ -204,6 +211,12 @@ def test_ray_runs_trials_on_a_local_ray(make_trials, monkeypatch):
     runs = children(trials[0])
     assert {r.data.tags[EXECUTOR_TAG] for r in runs.values()} == {"ray"}
     assert runs[trials[1].key].data.params["threads"] == "1"  # from trial_cpus
+    for run in runs.values():  # which node ran it, and cifarx, not Ray's worker script
+        assert run.data.tags["cifarx.host"] == socket.gethostname()
+        assert len(run.data.tags["cifarx.ray_node"]) == 56  # a Ray node id, in hex
+        assert run.data.tags["mlflow.source.name"] == "cifarx"
+        # the data folder came from the sweep's environment, not the Ray worker's
+        assert run.data.params["data_dir"] == str(data_dir)
 
 
 def test_the_local_executor_takes_a_trial_only_when_a_worker_is_free(make_trials):
@@ -220,3 +233,39 @@ def test_the_local_executor_takes_a_trial_only_when_a_worker_is_free(make_trials
                           workers=1)
     assert events == [("taken", 0), ("ended", 0), ("taken", 1), ("ended", 1), ("taken", 2),
                       ("ended", 2)]
+
+
+def test_a_run_left_running_by_a_dead_worker_ends_with_its_error(make_trials):
+    """Whatever executor reported it (a plugin's own Outcome), the trial's run ends as the
+    outcome says and carries its error (issue 21 item 5)."""
+    from cifarx.studies.trials import Outcome, settle
+
+    trial = make_trials("ray", {})[0]
+    client = mlflow.MlflowClient(trial.tracking_uri)
+    experiment = client.get_run(trial.parent).info.experiment_id
+    left = client.create_run(experiment, tags={TRIAL_TAG: trial.key,
+                                               "mlflow.parentRunId": trial.parent}).info.run_id
+    outcome = Outcome(trial, "FAILED", error="worker died: ActorDiedError: the node\nwas lost")
+    settle(outcome)
+    run = client.get_run(left)
+    assert outcome.run_id == left
+    assert (run.info.status, run.data.tags["cifarx.error"]) == \
+        ("FAILED", "worker died: ActorDiedError: the node was lost")
+    settle(Outcome(trial, "FAILED", run_id=left, error="another"))  # its first error stays
+    assert client.get_run(left).data.tags["cifarx.error"].startswith("worker died")
+
+
+def test_a_trial_that_fails_on_another_machine_names_it(make_trials, monkeypatch, tmp_path):
+    """A trial's failure elsewhere than the sweep's machine says where, and the sweep's
+    environment (CIFARX_DATA_DIR) is what the trial used."""
+    from cifarx.studies.trials import run_trial
+
+    monkeypatch.delenv("CIFARX_DATA_DIR", raising=False)
+    missing = tmp_path / "no-data-here"
+    trial = dataclasses.replace(make_trials("local", {})[0], host="the-sweeps-machine",
+                                env={"CIFARX_DATA_DIR": str(missing)})
+    trial = dataclasses.replace(trial, config=dataclasses.replace(trial.config, data_dir=None))
+    outcome = run_trial(trial)
+    assert outcome.status == "FAILED"
+    assert outcome.error.startswith(f"on {socket.gethostname()}: ")
+    assert str(missing) in outcome.error

@@ -4,6 +4,7 @@ twice, logged with the sweep, and bad input as one line."""
 
 import base64
 import html.parser
+import json
 import math
 
 import numpy as np
@@ -246,6 +247,25 @@ def test_a_study_names_its_baseline_and_the_report_uses_it(data_dir, tmp_path):
     assert result.exit_code == 0, result.output
     md = (tmp_path / "r" / "report.md").read_text()
     assert "against the baseline **lr=0.05**" in md and "| baseline |" in md
+    # the sweep's own table, sweep.json and the report agree: the same control, test and p
+    summary = json.loads(open(client.download_artifacts(parent.info.run_id, "sweep.json",
+                                                        str(tmp_path))).read())
+    by_lr = {c["lr"]: c for c in summary["configurations"]}
+    ranked = {r["config"]: r for r in summary["ranked"]}
+    control, other = ranked[by_lr[0.05]["config"]], ranked[by_lr[0.1]["config"]]
+    assert control["verdict"] == "control" and other["vs"] == control["config"]
+    assert other["test"] == "paired"
+    from cifarx.reports.report import _p
+    assert f"| {_p(other['p_adjusted'])} |" in md
+    assert summary["verdict"].startswith("Against the baseline, lr=0.05")
+    # --baseline on the command line names another control, checked as the file's key is
+    result = cli("sweep", study, "--baseline", "lr=0.1", "--dry-run", "--tracking-uri", uri)
+    assert result.exit_code == 0, result.output
+    result = cli("sweep", study, "--baseline", "lr=0.3", "--dry-run", "--tracking-uri", uri)
+    assert result.exit_code == 2 and "--baseline: baseline lr = '0.3' is not one of the grid's" \
+        in result.stderr
+    result = cli("sweep", study, "--baseline", "lr", "--dry-run", "--tracking-uri", uri)
+    assert result.exit_code == 2 and "--baseline 'lr': expected KEY=VALUE" in result.stderr
     bad = tmp_path / "bad.toml"
     bad.write_text(study.read_text().replace("lr = 0.05}", "lr = 0.2}"))
     result = cli("sweep", bad, "--dry-run", "--tracking-uri", uri)

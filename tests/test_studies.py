@@ -6,7 +6,8 @@ import pytest
 
 from cifarx import UserError
 from cifarx.studies.configurations import configurations
-from cifarx.studies.study import axes_of, from_dict, load, overrides, raw_of, with_flags
+from cifarx.studies.flags import overrides, with_flags
+from cifarx.studies.study import axes_of, from_dict, load, raw_of
 from cifarx.training.config import plan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,3 +180,73 @@ def test_a_trials_key_holds_only_the_options_it_changes():
     Grown = dataclasses.make_dataclass("Grown", [("new_option", float, 0.0)], bases=(TrainConfig,),
                                        frozen=True)
     assert config_key(Grown(arch="table1", lr=0.05, seed=1)) == config_key(base)
+
+
+RANDOM = '''
+search = "random"
+trials = 3
+[train]
+iters = 5
+[random]
+lr = {log-uniform = [0.01, 0.1]}
+weight-decay = {log-uniform = [1e-5, 1e-3]}
+'''
+LISTED = '''
+[[configurations]]
+lr = 0.05
+weight-decay = 1e-4
+[[configurations]]
+lr = 0.1
+weight-decay = 1e-4
+[[configurations]]
+lr = 0.1
+weight-decay = 1e-3
+'''
+
+
+@pytest.mark.parametrize("text, grid, fixed, expected", [
+    # a [random] key: --set fixes it, --grid sweeps it instead
+    (RANDOM, [], ["lr=0.02"], {"lr": {"0.02"}, "weight-decay": None}),
+    (RANDOM, ["lr=0.02,0.03"], [], {"lr": {"0.02", "0.03"}, "weight-decay": None}),
+    # a [[configurations]] key: the configurations that differed only in it are one now
+    (LISTED, [], ["lr=0.2"], {"lr": {"0.2"}, "weight-decay": {1e-4, 1e-3}}),
+    (LISTED, ["lr=0.2,0.3"], [], {"lr": {"0.2", "0.3"}, "weight-decay": {1e-4, 1e-3}}),
+])
+def test_flags_win_over_every_table_of_the_file(tmp_path, text, grid, fixed, expected):
+    study = load(write(tmp_path, text))
+    changed = from_dict(with_flags(raw_of(study), grid, fixed))
+    points = configurations(changed)
+    for key, values in expected.items():
+        if values is None:  # still drawn at random
+            assert len({p.axes[key] for p in points}) == len(points)
+        else:
+            found = {p.axes.get(key, changed.train.get(key)) for p in points}
+            # a random search draws from a --grid axis's values
+            assert found <= values if changed.search == "random" else found == values
+    assert len({p.key for p in points}) == len(points)  # no training twice
+    if fixed and text == LISTED:
+        assert len(points) == 2
+
+
+def test_an_option_of_a_plugin_a_configuration_does_not_use_is_left_out_of_it():
+    study = from_dict({"search": "random", "trials": 12, "train": {"iters": 5},
+                       "grid": {"aug": ["normalize", "normalize,flip"]},
+                       "random": {"aug-opt.flip.p": {"uniform": [0.2, 0.8]}}})
+    points = configurations(study)
+    without = [p for p in points if "flip" not in p.config.aug]
+    assert without and all("aug-opt.flip.p" not in p.axes for p in without)
+    assert all(p.config.aug_options == () for p in without)
+    assert len(without) == 1  # the same training once, not once per draw of p
+    for point in points:
+        plan(point.config)
+        if "flip" in point.config.aug:
+            assert point.config.aug_options == (f"flip.p={point.axes['aug-opt.flip.p']!r}",)
+    # the default aug (flip, crop) uses flip; a configuration naming another aug does not
+    study = from_dict({"grid": {"aug-opt.flip.p": [0.3]},
+                       "configurations": [{"aug": "normalize"}, {"lr": 0.2}]})
+    assert [(p.axes, p.config.aug_options) for p in configurations(study)] == [
+        ({"aug": "normalize"}, ()), ({"lr": 0.2, "aug-opt.flip.p": 0.3}, ("flip.p=0.3",))]
+    # a plugin no configuration uses: a misspelling, refused as before
+    study = from_dict({"grid": {"aug": ["normalize"], "aug-opt.flp.p": [0.5]}})
+    with pytest.raises(UserError, match="'flp' is not among the plugins"):
+        plan(configurations(study)[0].config)

@@ -2,6 +2,7 @@
 summary against a hand computation, and every bad input as one line that opens no run."""
 
 import json
+import socket
 import math
 import statistics
 import tempfile
@@ -55,8 +56,14 @@ def test_trials_are_complete_child_runs_of_the_sweep(swept):
     assert len(finished) == 4, result.output
     assert all("final/test_acc" in r.data.metrics for r in finished)
     assert sorted(r.data.params["lr"] for r in finished) == ["0.05", "0.05", "0.1", "0.1"]
+    # each trial's swept value as written, beside the value used (issue 21 item 7)
+    assert sorted(r.data.params["axis.lr"] for r in children) == \
+        ["0.05", "0.05", "0.1", "0.1", "1e12", "1e12"]
+    # where it ran, and cifarx as its source, not the worker's interpreter (item 4)
+    assert {(r.data.tags["cifarx.host"], r.data.tags["mlflow.source.name"])
+            for r in [parent, *children]} == {(socket.gethostname(), "cifarx")}
     assert parent.info.status == "FINISHED"
-    assert parent.data.params["axis.lr"] == "0.05,0.1,1e12"  # as written
+    assert json.loads(parent.data.params["axis.lr"]) == ["0.05", "0.1", "1e12"]  # as written
     artifacts = {a.path for a in MlflowClient(uri).list_artifacts(parent.info.run_id)}
     assert {"sweep.json", "sweep.csv", "study.json", "figures"} <= artifacts
 

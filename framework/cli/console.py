@@ -198,8 +198,8 @@ def print_whole(table) -> None:
 
 
 def sweep_table(ranked: list[dict[str, Any]], axes: list[str], metric: str):
-    """The configurations best first: the metric over seeds, and whether each is
-    distinguishable from the best."""
+    """The configurations best first: the metric over seeds, and each against the control
+    (the study's baseline, else the best): the difference, the corrected p, the verdict."""
     from rich.table import Column, Table
 
     from ..plugin_api.options import show
@@ -207,19 +207,22 @@ def sweep_table(ranked: list[dict[str, Any]], axes: list[str], metric: str):
     pct = metric.endswith("acc")
     fmt = (lambda v: "-" if math.isnan(v) else f"{v:.2%}") if pct else \
         (lambda v: "-" if math.isnan(v) else f"{v:.4g}")  # noqa: E731
+    signed = (lambda v: "-" if math.isnan(v) else f"{v * 100:+.2f} pt") if pct else \
+        (lambda v: "-" if math.isnan(v) else f"{v:+.4g}")  # noqa: E731
+    shown = {"control": "[bold]control[/]", "better": "[green]better[/]",
+             "worse": "[red]worse[/]", "indistinguishable": "same", "untested": "-"}
     # In a narrow terminal every cell folds rather than end in "…": each value stays whole.
-    headers = ["#", *axes, "n", "mean", "std", "95% interval", "p vs best", "same as best"]
+    headers = ["#", *axes, "n", "mean", "std", "95% interval", "vs control", "p (corrected)",
+               "verdict"]
     table = Table(*(Column(h, overflow="fold") for h in headers),
                   title=f"configurations by {metric}")
     for row in ranked:
-        same = row["same_as_best"]
         table.add_row("-" if row["rank"] is None else str(row["rank"]),
                       *(show(row.get(a)) for a in axes),
                       str(row[f"{metric}_n"]), fmt(row[f"{metric}_mean"]),
                       fmt(row[f"{metric}_std"]),
                       f"{fmt(row[f'{metric}_ci_low'])} to {fmt(row[f'{metric}_ci_high'])}",
-                      "-" if math.isnan(row["p_vs_best"]) else f"{row['p_vs_best']:.3f}",
-                      "best" if row["rank"] == 1 else "-" if row["rank"] is None else
-                      "?" if same is None else
-                      ("yes" if same else "[red]no[/]"))
+                      signed(row["difference"]),
+                      "-" if math.isnan(row["p_adjusted"]) else f"{row['p_adjusted']:.3f}",
+                      shown[row["verdict"]])
     return table

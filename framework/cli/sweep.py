@@ -39,6 +39,10 @@ def sweep(
         show_default=False)] = None,
     direction: Annotated[Optional[str], typer.Option(
         help="maximize or minimize the metric.", show_default=False)] = None,
+    baseline: Annotated[Optional[list[str]], typer.Option(
+        help="KEY=VALUE (repeatable): the configuration every other is tested against, as "
+             "the study's baseline = {KEY = VALUE} (default: the study's, else the best).",
+        show_default=False)] = None,
     executor: Annotated[Optional[str], typer.Option(
         help="Executor plugin: local (processes here), ray, ... (default: the study's, else "
              "local).", show_default=False)] = None,
@@ -62,7 +66,7 @@ def sweep(
 ):
     """Run a study: every configuration with several seeds, in parallel, as child runs of one
     sweep run, with statistics over the seeds."""
-    from ..studies import study as studies
+    from ..studies import flags as study_flags, study as studies
     from ..studies.sweep import load_resumed, sweep_run
     from ..studies.sweep_plan import plan_sweep, trial_name
     from ..tracking.common import tracking_uri as resolve_uri
@@ -81,11 +85,13 @@ def sweep(
         if study_file is not None:
             study = studies.load(study_file)
             raw = studies.raw_of(study)
-        raw = studies.with_flags(raw, grid or [], set_ or [])
+        raw = study_flags.with_flags(raw, grid or [], set_ or [])
         study = studies.from_dict(raw, str(study_file or "the command line"),
                                   study.source if study_file else "")
-    study = studies.overrides(study, seeds=seeds, search=search, trials=trials, metric=metric,
+    study = study_flags.overrides(study, seeds=seeds, search=search, trials=trials, metric=metric,
                               direction=direction, experiment=experiment)
+    if baseline:
+        study = study_flags.with_baseline(study, baseline)
     name = executor or study.executor.get("name", "local")
     # The study's [executor] options, then the flags: a flag wins over the file (as documented);
     # the file's options belong to its executor, so another --executor starts without them.

@@ -63,7 +63,7 @@ def _summary(values: dict[int, float]) -> tuple[float, float, float, float]:
 
 
 def _by(groups: list[Group], param: str, wanted: dict[str, str]) -> dict[str, Group]:
-    from .data import same_value
+    from ..studies.compare import same_value
 
     out = {}
     for key, value in wanted.items():

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 from ..errors import UserError
 from ..studies import compare as cmp
 
+
 # Params that say where and how a run was computed, not what was trained: a configuration's
 # seeds may differ in them. They are listed in the protocol.
 ENVIRONMENT = ("seed", "data_dir", "device", "threads", "checkpoint_every")
@@ -84,19 +85,6 @@ def configuration_of(record: RunRecord) -> dict[str, str]:
     return {k: v for k, v in record.params.items() if k not in ENVIRONMENT}
 
 
-def same_value(written: Any, logged: str) -> bool:
-    """A baseline's value as the user wrote it against a param as logged: equal as text, as
-    numbers, or as comma lists in any order (cifarx logs ``--aug`` in pipeline order)."""
-    text = str(written).lower() if isinstance(written, bool) else str(written)
-    if text == logged:
-        return True
-    try:
-        return math.isclose(float(text), float(logged), rel_tol=1e-6)
-    except ValueError:
-        pass
-    return sorted(text.split(",")) == sorted(logged.split(","))
-
-
 def group_runs(records: list[RunRecord]) -> list[Group]:
     """Runs grouped into configurations, in the order of their first run. FAILED and KILLED runs
     join the configuration whose params they share (a configuration may have only those)."""
@@ -138,7 +126,7 @@ def find_baseline(groups: list[Group], baseline: Mapping[str, Any]) -> Group:
     study's keys or the params' names)."""
     def matches(group: Group) -> bool:
         params = {**configuration_of(group.runs[0] if group.runs else group.failed[0])}
-        return all(param_of(name) in params and same_value(value, params[param_of(name)])
+        return all(param_of(name) in params and cmp.same_value(value, params[param_of(name)])
                    for name, value in baseline.items())
 
     found = [g for g in groups if matches(g)]

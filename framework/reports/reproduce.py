@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..errors import UserError
-from .data import same_value
+from ..studies.compare import same_value
 
 STEP_TAG = "cifarx.reproduce"  # on attack and transfer runs: which step made them
 PART1 = {"1.1": "raw", "1.2": "normalize", "1.3": "normalize,flip", "1.4": "normalize,flip,crop"}

@@ -29,7 +29,7 @@ class Tracking:
     ``parent``: the id of the run this one is a child of (a sweep's trials); ``tags``: set on
     the run besides cifarx's own (the user's win); ``description``: the run's note in the
     MLflow UI (default: one the command writes); ``system_metrics``: MLflow's CPU, memory and
-    GPU sampling."""
+    GPU sampling; ``params``: logged besides the run's own (a sweep trial's ``axis.*``)."""
 
     uri: str | None = None
     experiment: str = DEFAULT_EXPERIMENT
@@ -39,6 +39,7 @@ class Tracking:
     description: str | None = None
     system_metrics: bool = True
     register_model: str | None = None  # a training's model goes to the Model Registry as this
+    params: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def resolved_uri(self) -> str:

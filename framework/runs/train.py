@@ -113,7 +113,7 @@ def train_run(config: TrainConfig | TrainJob, tracking: Tracking = Tracking(),
                 "adv_data_test_images": job.setup.adv_test_images}
             if job.setup.split.val_images is not None:
                 added["val_images"] = len(job.setup.split.val_images)
-            run.log_params({**plan.params(), **added})
+            run.log_params({**plan.params(), **added, **tracking.params})
             run.log_dataset(f"{plan.dataset.name}-{cfg.train_split}", data.source,
                             data_digest(data.train_images, data.train_labels),
                             context="training")

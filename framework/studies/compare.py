@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Mapping
+from typing import Any, Mapping
 
 CORRECTIONS = ("holm", "bonferroni", "none")
 POWER = 0.8
@@ -42,6 +42,19 @@ class Comparison:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def same_value(written: Any, logged: str) -> bool:
+    """A baseline's value as the user wrote it against a param as logged: equal as text, as
+    numbers, or as comma lists in any order (cifarx logs ``--aug`` in pipeline order)."""
+    text = str(written).lower() if isinstance(written, bool) else str(written)
+    if text == logged:
+        return True
+    try:
+        return math.isclose(float(text), float(logged), rel_tol=1e-6)
+    except ValueError:
+        pass
+    return sorted(text.split(",")) == sorted(logged.split(","))
 
 
 def paired_seeds(a: Mapping[int, float], b: Mapping[int, float]) -> bool:

@@ -14,7 +14,8 @@ from typing import Any, Mapping
 
 from ..plugin_api import options as opts
 from ..training.config import TrainConfig
-from .study import Configuration, Study, apply
+from ..errors import UserError
+from .study import Configuration, Study, apply, coerce, field_name
 
 
 def digest(obj: Any) -> str:
@@ -35,7 +36,8 @@ def configurations(study: Study, points: list[dict[str, Any]] | None = None
     """Every configuration of the study (seed 0): the grid's combinations, or ``trials``
     random draws (seeded by ``search-seed``); or those of ``points`` (axis -> value), e.g. a
     tpe search's."""
-    if points is not None:
+    explicit = points is not None
+    if explicit:
         pass
     elif study.search == "grid":
         keys = list(study.grid)
@@ -53,12 +55,62 @@ def configurations(study: Study, points: list[dict[str, Any]] | None = None
             point.update({k: draw(rng, spec) for k, spec in study.random.items()})
             points.append(point)
     found = []
-    for i, axes in enumerate(points):
+    for i, point in enumerate(points):
+        axes, settings = in_use(study, point)
         where = "study, configuration " + (", ".join(f"{k}={opts.show(v)}"
                                                      for k, v in axes.items()) or str(i))
-        config = apply({**study.train, **axes}, where)
+        config = apply(settings, where)
         found.append(Configuration(config_key(config), axes, config))
-    return found
+    if explicit:
+        return found
+    # the same training twice (a random draw repeated, an option dropped by in_use) would
+    # run twice and count its seeds twice in the statistics
+    unique: dict[str, Configuration] = {}
+    for configuration in found:
+        unique.setdefault(configuration.key, configuration)
+    return list(unique.values())
+
+
+PLUGIN_LISTS = {"aug-opt": "aug", "probe-opt": "probe"}  # where PLUGIN.NAME's plugins are named
+ALWAYS_USED = {"aug-opt": {"normalize"}}  # in a pipeline even where aug does not name it
+
+
+def in_use(study: Study, point: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A configuration's axes and all its settings ([train] and axes), less the options of a
+    plugin it does not use though another configuration of the study does (``aug-opt.flip.p``
+    where ``aug`` has no flip): the value would mean nothing there, and logged as an axis it
+    would look as if it mattered. An option of a plugin no configuration uses stays (the plan
+    refuses it: a misspelling)."""
+    settings = {**study.train, **point}
+    dropped = set()
+    for key in settings:
+        head, _, rest = key.partition(".")
+        if head not in PLUGIN_LISTS:
+            continue
+        plugin, names = rest.split(".")[0], PLUGIN_LISTS[head]
+        used = _names(names, settings.get(names, getattr(TrainConfig, field_name(names, "study"))))
+        if plugin not in used and plugin not in ALWAYS_USED.get(head, ()) and \
+                plugin in _named_anywhere(study, names):
+            dropped.add(key)
+    return ({k: v for k, v in point.items() if k not in dropped},
+            {k: v for k, v in settings.items() if k not in dropped})
+
+
+def _names(key: str, value: Any) -> set[str]:
+    if isinstance(value, tuple):  # TrainConfig's default
+        return set(value)
+    try:
+        return set(coerce(key, value, "study"))
+    except UserError:
+        return set()  # the plan says what is wrong with it
+
+
+def _named_anywhere(study: Study, key: str) -> set[str]:
+    """Every plugin the study's ``aug`` (or ``probe``) names, in any table, or its default."""
+    values = [*study.grid.get(key, []), *[p[key] for p in study.configurations if key in p]]
+    values += study.random.get(key, {}).get("choice", [])
+    values.append(study.train.get(key, getattr(TrainConfig, field_name(key, "study"))))
+    return set().union(*(_names(key, v) for v in values)) if values else set()
 
 
 def corners(study: Study) -> list[dict[str, Any]]:

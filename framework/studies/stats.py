@@ -1,26 +1,25 @@
-"""A sweep's statistics: per-configuration summaries over seeds, which configurations are
-indistinguishable from the best, and the csv/json a sweep writes.
+"""A sweep's statistics: per-configuration summaries over seeds, each configuration against
+the control (the study's baseline, else the best; the tests are :mod:`cifarx.studies.compare`'s,
+as in ``cifarx report``), and the csv/json a sweep writes.
 
 Pure functions of plain data (numpy; scipy is imported where it is used, so ``import
-cifarx.stats`` stays cheap).
+cifarx.studies.stats`` stays cheap).
 
 Data flow: :func:`summarize` turns the finished trials into one row per configuration. Each row
-carries, besides its public columns, two private keys (names starting with ``_``):
-``_values`` ({metric: tuple of the per-seed values, in trial order}) and ``_axes`` (the axis
-names, in order). :func:`rank` and :func:`verdict` read them; :func:`to_csv` and :func:`to_json`
-drop every ``_`` key. So ``rank`` needs ``summarize``'s rows (or copies of them), not rows read
-back from a csv.
+carries, besides its public columns, private keys (names starting with ``_``): ``_values``
+({metric: tuple of the per-seed values, in trial order}), ``_seeds`` (the seeds of those values)
+and ``_axes`` (the axis names, in order). :func:`rank` and :func:`verdict` read them;
+:func:`to_csv` and :func:`to_json` drop every ``_`` key. So ``rank`` needs ``summarize``'s rows
+(or copies of them), not rows read back from a csv.
 """
 
 from __future__ import annotations
 
 import csv
 import math
-import warnings
 from typing import Any, Iterable, Mapping
 
 STATS = ("n", "mean", "std", "ci_low", "ci_high")  # per metric, in the csv's column order
-RANK_KEYS = ("rank", "p_vs_best", "same_as_best")
 POWER = 0.8  # the power at which verdict() quotes the smallest detectable difference
 NAN = float("nan")
 
@@ -69,6 +68,7 @@ def summarize(rows: Iterable[Mapping[str, Any]], metrics: Iterable[str],
     order: list[str] = []
     axes: dict[str, Any] = {}  # per config
     values: dict[str, dict[str, list[float]]] = {}
+    seeds: dict[str, dict[str, list[int]]] = {}
     axis_names: list[str] = []
     for row in rows:
         key = row["config"]
@@ -80,12 +80,14 @@ def summarize(rows: Iterable[Mapping[str, Any]], metrics: Iterable[str],
             order.append(key)
             axes[key] = trial_axes
             values[key] = {m: [] for m in metrics}
+            seeds[key] = {m: [] for m in metrics}
         trial_metrics = row.get("metrics") or {}
         for m in metrics:
             value = _finite(trial_metrics.get(m))
             if value is not None:
                 values[key][m].append(value)
-    clash = {"config", "_values", "_axes"} & set(axis_names)
+                seeds[key][m].append(row.get("seed", len(seeds[key][m])))
+    clash = {"config", "_values", "_seeds", "_axes"} & set(axis_names)
     if clash:
         raise ValueError(f"an axis may not be named {sorted(clash)[0]!r}")
     summary = []
@@ -97,24 +99,10 @@ def summarize(rows: Iterable[Mapping[str, Any]], metrics: Iterable[str],
             for stat, value in _describe(values[key][m], confidence).items():
                 out[f"{m}_{stat}"] = value
         out["_values"] = {m: tuple(values[key][m]) for m in metrics}
+        out["_seeds"] = {m: tuple(seeds[key][m]) for m in metrics}
         out["_axes"] = tuple(axis_names)
         summary.append(out)
     return summary
-
-
-def _welch_p(a: tuple[float, ...], b: tuple[float, ...]) -> float:
-    """Welch's two-sided t-test p-value; NaN when either has fewer than 2 values. Two samples
-    that are each constant (zero variance): 1.0 when they are equal, else 0.0."""
-    if len(a) < 2 or len(b) < 2:
-        return NAN
-    if len(set(a)) == 1 and len(set(b)) == 1:
-        return 1.0 if a[0] == b[0] else 0.0
-    from scipy import stats
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
-    return p
 
 
 def _values_of(row: Mapping[str, Any], metric: str) -> tuple[float, ...]:
@@ -126,24 +114,38 @@ def _values_of(row: Mapping[str, Any], metric: str) -> tuple[float, ...]:
     return row["_values"][metric]
 
 
+COMPARED = ("vs", "test", "difference", "diff_ci_low", "diff_ci_high", "p", "p_adjusted",
+            "verdict")  # the columns rank() adds after ``rank``
+
+
 def rank(summary: list[Mapping[str, Any]], metric: str, direction: str = "maximize",
-         alpha: float = 0.05, min_n: int = 2) -> list[dict[str, Any]]:
-    """The summary rows (copies) sorted best first by ``{metric}_mean``, with ``rank`` (1..),
-    ``p_vs_best`` (Welch's two-sided t-test of this configuration's per-seed values against the
-    best's; NaN for the best itself and when either has n < 2) and ``same_as_best`` (True for the
-    best and when p_vs_best >= alpha, False when below, None when it cannot be tested).
+         alpha: float = 0.05, min_n: int = 2, control: str | None = None,
+         correction: str = "holm") -> list[dict[str, Any]]:
+    """The summary rows (copies) sorted best first by ``{metric}_mean``, with ``rank`` (1..)
+    and each configuration against the control: ``control`` (a configuration's key: the
+    study's baseline), else the best. The test is :func:`cifarx.studies.compare.compare`'s,
+    the one ``cifarx report`` makes: paired when both ran the same seeds, else Welch's, with
+    ``correction`` over the comparisons; so the sweep's table, its csv and json, and the
+    report agree. Columns: ``vs`` (the control's key), ``test``, ``difference`` (mean minus
+    the control's) with its interval ``diff_ci_low``/``diff_ci_high``, ``p``, ``p_adjusted``
+    and ``verdict``: ``control``, ``better``, ``worse``, ``indistinguishable`` (p_adjusted >=
+    alpha) or ``untested`` (a side with fewer than 2 values).
 
     Only configurations with ``min_n`` or more values are ranked (``rank`` 1..): where two
     seeds were run, one value cannot be told from its noise, so a single lucky seed is never
     "best" (a study of one seed passes ``min_n=1``). Those with fewer follow, unranked
-    (``rank`` None), then those with none; ties keep summary order.
+    (``rank`` None, ``verdict`` untested), then those with none; ties keep summary order.
     """
+    from .compare import compare
+
     if direction not in ("maximize", "minimize"):
         raise ValueError(f"direction must be 'maximize' or 'minimize', got {direction!r}")
     sign = -1.0 if direction == "maximize" else 1.0
     rows = [dict(row) for row in summary]
     for row in rows:
         _values_of(row, metric)
+    if control is not None and control not in {row["config"] for row in rows}:
+        raise ValueError(f"the control {control!r} is not one of the configurations")
 
     def key(item):
         position, row = item
@@ -152,20 +154,32 @@ def rank(summary: list[Mapping[str, Any]], metric: str, direction: str = "maximi
         return (group, sign * mean if group < 2 else 0.0, position)
 
     ordered = [row for _, row in sorted(enumerate(rows), key=key)]
-    if not ordered:
-        return []
-    best = _values_of(ordered[0], metric)
     for position, row in enumerate(ordered, 1):
         row["rank"] = position if row[f"{metric}_n"] >= max(min_n, 1) else None
-        if position == 1 and row["rank"] is not None:
-            row["p_vs_best"], row["same_as_best"] = NAN, True
+        row.update(dict.fromkeys(COMPARED, None))
+        row.update(difference=NAN, diff_ci_low=NAN, diff_ci_high=NAN, p=NAN, p_adjusted=NAN,
+                   verdict="untested")
+    if not ordered:
+        return []
+    chosen = control or (ordered[0]["config"] if ordered[0]["rank"] is not None else None)
+    if chosen is None:
+        return ordered
+    by_seed = {row["config"]: dict(zip(row["_seeds"][metric], _values_of(row, metric)))
+               for row in ordered if row["rank"] is not None or row["config"] == chosen}
+    found = {c.config: c for c in compare(by_seed, chosen, alpha, correction)}
+    for row in ordered:
+        row["vs"] = chosen
+        if row["config"] == chosen:
+            row["verdict"], row["_named"] = "control", control is not None
             continue
-        if row["rank"] is None:
-            row["p_vs_best"], row["same_as_best"] = NAN, None
+        c = found.get(row["config"])
+        if c is None or not c.test:
             continue
-        p = _welch_p(_values_of(row, metric), best)
-        row["p_vs_best"] = p
-        row["same_as_best"] = None if math.isnan(p) else bool(p >= alpha)
+        better = (c.difference > 0) == (direction == "maximize")
+        row.update(test=c.test, difference=c.difference, diff_ci_low=c.ci_low,
+                   diff_ci_high=c.ci_high, p=c.p, p_adjusted=c.p_adjusted, _detectable=c.detectable,
+                   verdict=("better" if better else "worse") if c.significant
+                   else "indistinguishable")
     return ordered
 
 
@@ -174,80 +188,52 @@ def _name(row: Mapping[str, Any]) -> str:
     return ", ".join(f"{a}={row.get(a)}" for a in axes) if axes else str(row.get("config"))
 
 
-def _range(numbers: list[int]) -> str:
-    low, high = min(numbers), max(numbers)
-    return str(low) if low == high else f"{low} to {high}"
-
-
-def detectable_difference(variances: list[float], n: int, alpha: float = 0.05,
-                          power: float = POWER) -> float:
-    """About the smallest difference between two configurations of ``n`` seeds each that a
-    two-sided t-test at ``alpha`` detects with probability ``power``, the spread within a
-    configuration being the pooled ``variances``: (t_{1-alpha/2} + t_{power}) * s * sqrt(2/n),
-    with 2(n-1) degrees of freedom. NaN when n < 2 or there is no variance."""
-    if n < 2 or not variances:
-        return NAN
-    from scipy import stats
-
-    df = 2 * (n - 1)
-    s = math.sqrt(sum(variances) / len(variances))
-    return float((stats.t.ppf(1 - alpha / 2, df) + stats.t.ppf(power, df)) * s
-                 * math.sqrt(2 / n))
-
-
 def _amount(metric: str, difference: float, means: list[float]) -> str:
     if "acc" in metric.lower() and all(0 <= m <= 1 for m in means):
         return f"{difference * 100:.1f} percentage points"
     return f"{difference:.3g} (in {metric})"
 
 
-def verdict(ranked: list[Mapping[str, Any]], metric: str, alpha: float = 0.05) -> str:
-    """One or two sentences for the console about :func:`rank`'s result: how many of the other
-    configurations are indistinguishable from the best, and, when any compared configuration
-    has fewer than 5 seeds, that the test has little power, with about the smallest difference it
-    would detect (see :func:`detectable_difference`). ``alpha`` should be the one given to rank.
-    """
+def verdict(ranked: list[Mapping[str, Any]], metric: str, alpha: float = 0.05,
+            correction: str = "holm") -> str:
+    """One or two sentences for the console about :func:`rank`'s result: how the other
+    configurations compare with the control (better, worse, indistinguishable), by which
+    test, and when some were indistinguishable, about the smallest difference the seeds could
+    have detected (80% power at the corrected alpha). ``alpha`` and ``correction`` should be
+    those given to rank."""
     compared = [row for row in ranked if row.get(f"{metric}_n", 0) >= 1]
     if not compared:
         return f"No configuration has a value of {metric}: nothing to compare."
-    best = compared[0]
-    if len(compared) == 1:
-        return (f"Only one configuration ({_name(best)}) has values of {metric}: "
-                "nothing to compare.")
-    if best[f"{metric}_n"] < 2:
-        ranked_any = best.get("rank") is not None
+    control = next((row for row in ranked if row.get("verdict") == "control"), None)
+    if control is None:
+        ranked_any = any(row.get("rank") is not None for row in ranked)
         return (f"No configuration has 2 values of {metric}, so no difference can be tested"
                 + ("" if ranked_any else " and none is ranked") + "; run at least 2 seeds "
                 "per configuration (5 or more for a useful test).")
-    compared = [row for row in compared if row[f"{metric}_n"] >= 2]
-    if len(compared) == 1:
-        return (f"Only one configuration ({_name(best)}) has 2 or more values of {metric}: "
-                "nothing to compare.")
-    others = compared[1:]
-    same = sum(1 for row in others if row.get("same_as_best") is True)
-    untested = sum(1 for row in others if row.get("same_as_best") is None)
-    verb = "is" if same == 1 else "are"
-    text = (f"{same} of the {len(others)} other configurations {verb} indistinguishable from the "
-            f"best, {_name(best)} ({metric} mean {best[f'{metric}_mean']:.4g}), by Welch's "
-            f"t-test at alpha {alpha:g}")
-    if untested:
-        text += f"; {untested} could not be tested (a single seed)"
-    text += "."
-    seeds = [int(row[f"{metric}_n"]) for row in compared]
-    if min(seeds) < 5:
-        testable = [n for n in seeds if n >= 2]
-        variances = [row[f"{metric}_std"] ** 2 for row in compared if row[f"{metric}_n"] >= 2]
-        difference = detectable_difference(variances, min(testable), alpha)
-        text += f" With {_range(seeds)} seeds per configuration"
-        if min(seeds) >= 2:
-            text += f" ({_range([n - 1 for n in seeds])} degrees of freedom each)"
-        text += " the test has little power"
-        if math.isfinite(difference) and difference > 0:
-            means = [row[f"{metric}_mean"] for row in compared]
-            text += (f": differences under ~{_amount(metric, difference, means)} may be missed"
-                     f" ({POWER:.0%} power).")
+    others = [row for row in compared if row is not control]
+    if not others:
+        return f"Only one configuration ({_name(control)}) has values of {metric}: nothing " \
+               "to compare."
+    counts = {v: sum(1 for row in others if row["verdict"] == v)
+              for v in ("better", "worse", "indistinguishable", "untested")}
+    role = "the baseline" if control.get("_named") else "the best"
+    tests = sorted({row["test"] for row in others if row.get("test")})
+    how = " and ".join({"paired": "paired t-tests (the same seeds)",
+                        "welch": "Welch's t-tests"}[t] for t in tests)
+    text = (f"Against {role}, {_name(control)} ({metric} mean {control[f'{metric}_mean']:.4g}): "
+            + ", ".join(f"{n} {v}" for v, n in counts.items() if n)
+            + (f" ({how}, {correction} correction, alpha {alpha:g})" if how else "") + ".")
+    missed = [row["_detectable"] for row in others if row["verdict"] == "indistinguishable"
+              and math.isfinite(row.get("_detectable", NAN))]
+    if missed:
+        means = [row[f"{metric}_mean"] for row in compared]
+        share = "acc" in metric.lower() and all(0 <= m <= 1 for m in means)
+        if share and max(missed) >= 1:  # more than the whole scale: nothing is detectable
+            text += (f" So few seeds cannot detect any difference at {POWER:.0%} power: run "
+                     "more.")
         else:
-            text += "."
+            text += (f" These seeds could miss a true difference under about "
+                     f"{_amount(metric, max(missed), means)} ({POWER:.0%} power).")
     return text
 
 
@@ -256,26 +242,53 @@ def _public(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _columns(summary: list[Mapping[str, Any]]) -> list[str]:
+    """The axes first (what a reader looks for), then the figures, the digest last."""
     columns: list[str] = []
     for row in summary:
         for k in row:
             if not k.startswith("_") and k not in columns:
                 columns.append(k)
-    return columns
+    axes = list(dict.fromkeys(a for row in summary for a in row.get("_axes", ()) if a in columns))
+    rest = [c for c in columns if c not in axes and c != "config"]
+    return axes + rest + (["config"] if "config" in columns else [])
+
+
+def short(value: float) -> float:
+    """A statistic at the precision of the float32 measurements it summarizes: the shortest
+    decimal that reads back as the same float32 (0.4427, not 0.44269999861717224). A value
+    float32 cannot hold (a p-value of 1e-50, inf, NaN) stays as it is."""
+    import numpy as np
+
+    single = np.float32(value)
+    if not math.isfinite(value) or not np.isfinite(single) or \
+            abs(value) < np.finfo(np.float32).tiny:
+        return value
+    return float(str(single))  # numpy prints a float32 as its shortest round-trip decimal
+
+
+def _shortened(row: Mapping[str, Any], columns: list[str]) -> dict[str, Any]:
+    """The public columns in ``columns``' order, the statistics :func:`short` (an axis keeps
+    its value as set)."""
+    axes = set(row.get("_axes", ()))
+    public = _public(row)
+    return {k: short(public[k]) if isinstance(public[k], float) and k not in axes
+            else public[k] for k in columns if k in public}
 
 
 def to_csv(summary: list[Mapping[str, Any]], path) -> None:
-    """One row per configuration: ``config``, one column per axis, then per metric its n, mean,
-    std, ci_low, ci_high (and rank, p_vs_best, same_as_best when given rank()'s rows). Values
-    unrounded (Python's shortest repr); booleans as ``true``/``false`` (as a study writes
-    them); NaN as ``nan``, None as empty; private keys dropped."""
+    """One row per configuration: one column per axis, then per metric its n, mean, std,
+    ci_low, ci_high (and rank and the comparison with the control, :data:`COMPARED`, when
+    given rank()'s rows), and the
+    configuration's digest, ``config``. Numbers at float32's precision (:func:`short`: the
+    accuracies are float32); booleans as ``true``/``false`` (as a study writes them); NaN as
+    ``nan``, None as empty; private keys dropped."""
     columns = _columns(summary)
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for row in summary:
             writer.writerow({k: str(v).lower() if isinstance(v, bool) else v
-                             for k, v in _public(row).items()})
+                             for k, v in _shortened(row, columns).items()})
 
 
 def _plain(value: Any) -> Any:
@@ -300,6 +313,6 @@ def to_json(summary: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """The summary as JSON-ready data (not a string): a list with one dict per configuration,
     the csv's keys in the same order, NaN/inf as None, numpy scalars as Python numbers, other
     objects as str, private keys dropped. ``json.dumps(to_json(summary), allow_nan=False)`` succeeds; it can go straight
-    into ``mlflow.log_dict``. Given rank()'s rows it keeps rank, p_vs_best, same_as_best."""
-    rows = [{k: _plain(v) for k, v in _public(row).items()} for row in summary]
-    return rows
+    into ``mlflow.log_dict``. Given rank()'s rows it keeps rank and :data:`COMPARED`."""
+    columns = _columns(summary)
+    return [{k: _plain(v) for k, v in _shortened(row, columns).items()} for row in summary]

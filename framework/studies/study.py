@@ -319,16 +319,6 @@ def pruner_warmup(study: Study) -> int:
         return 0
 
 
-def overrides(study: Study, **given: Any) -> Study:
-    """The study with command-line flags applied (those given, i.e. not None)."""
-    changes = {k: v for k, v in given.items() if v is not None}
-    if isinstance(changes.get("seeds"), int):
-        changes["seeds"] = tuple(range(changes["seeds"]))
-    updated = replace(study, **changes)
-    check(updated, "study")
-    return updated
-
-
 def is_list(key: str) -> bool:
     """Whether a study key takes a comma list itself (``aug``, ``probe``, ``adv-data``)."""
     name = field_name(key, "study")
@@ -359,28 +349,3 @@ def axes_of(study: Study) -> list[str]:
     """The swept keys, in the study's order."""
     listed = [k for point in study.configurations for k in point]
     return list(dict.fromkeys([*listed, *study.grid, *study.random]))
-
-
-def with_flags(raw: Mapping[str, Any], grid: list[str], fixed: list[str]) -> dict[str, Any]:
-    """``--grid KEY=V1,V2`` and ``--set KEY=VALUE`` added to a study's raw form (the flags win
-    over the file)."""
-    raw = {**raw, "grid": dict(raw.get("grid", {})), "train": dict(raw.get("train", {}))}
-    added: set[str] = set()
-    for flag, texts in (("--grid", grid), ("--set", fixed)):
-        for text in texts:
-            try:
-                key, value = opts.split_assignment(text)
-            except ValueError:
-                raise UserError(f"{flag} {text!r}: expected KEY=VALUE"
-                                + (",VALUE..." if flag == "--grid" else "")) from None
-            field_name(key, flag)
-            if flag == "--set":
-                raw["grid"].pop(key, None)
-                raw["train"][key] = value
-                continue
-            raw["train"].pop(key, None)
-            values = [value] if is_list(key) else [v.strip() for v in value.split(",")]
-            if key not in added:  # the first --grid KEY replaces the file's axis
-                raw["grid"][key], _ = [], added.add(key)
-            raw["grid"][key] += values
-    return raw

@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from ..plugin_api.options import show
 from ..tracking.common import runs_view, ui_page
 from . import stats
 from .configurations import config_key
@@ -50,6 +51,19 @@ def best_note(study: Study, result: SweepResult, experiment_id: str, run_id: str
             f"opens its best seed's run); {table}.")
 
 
+def baseline_of(study: Study, summary: list[dict[str, Any]]) -> str | None:
+    """The key of the configuration the study names as its baseline (``baseline = {aug =
+    "normalize"}``); None without one, or when it has no finished trial (the best is the
+    control then, and the verdict says against what)."""
+    if not study.baseline:
+        return None
+    from .compare import same_value
+
+    found = [row["config"] for row in summary
+             if all(same_value(value, show(row.get(key))) for key, value in study.baseline.items())]
+    return found[0] if len(found) == 1 else None
+
+
 def summarize(sweep: SweepPlan, run, outcomes: list[Outcome], earlier: dict,
               seconds: float, search: dict[str, Any] | None = None) -> SweepResult:
     """The statistics over seeds, logged with the sweep's run. Pruned trials are left out of
@@ -70,8 +84,8 @@ def summarize(sweep: SweepPlan, run, outcomes: list[Outcome], earlier: dict,
     summary = stats.summarize(rows, metrics) if rows else []
     # a study of one seed ranks its single values; with more, a configuration left with one
     # (a failed seed) is not ranked
-    ranked = stats.rank(summary, study.metric, study.direction,
-                        min_n=min(2, len(study.seeds))) if summary else []
+    ranked = stats.rank(summary, study.metric, study.direction, min_n=min(2, len(study.seeds)),
+                        control=baseline_of(study, summary)) if summary else []
     verdict = stats.verdict(ranked, study.metric) if ranked else "no trial finished"
     done_keys = {t.key for t, _, _ in finished} | {o.trial.key for o in outcomes
                                                     if o.status == "PRUNED"}
@@ -86,7 +100,7 @@ def summarize(sweep: SweepPlan, run, outcomes: list[Outcome], earlier: dict,
     public = stats.to_json(summary)
     run.log_dict({"metric": study.metric, "direction": study.direction, "verdict": verdict,
                   "configurations": public,
-                  "ranked": [{k: r[k] for k in ("config", "rank", "p_vs_best", "same_as_best")}
+                  "ranked": [{k: r[k] for k in ("config", "rank", *stats.COMPARED)}
                              for r in stats.to_json(ranked)],
                   "failed": [{"trial": o.trial.number, "axes": dict(o.trial.axes),
                               "seed": o.trial.config.seed, "status": o.status,

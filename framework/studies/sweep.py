@@ -37,7 +37,8 @@ from .configurations import config_key
 from .study import Study, apply, axes_of, from_dict, raw_of
 from .summary import best_note, summarize, trials_view
 from .sweep_plan import Search, SweepPlan, SweepResult, run_namer
-from .trials import EXECUTOR_TAG, TRIAL_TAG, Outcome, Pruning, Trial, make_pruner
+from .trials import (EXECUTOR_TAG, TRIAL_TAG, Outcome, Pruning, Trial, make_pruner, origin,
+                     portable, settle)
 
 SWEEP_TAG = "cifarx.sweep"  # "true" on a sweep's run
 DIGEST_TAG = "cifarx.sweep.digest"  # of its trials: the same study finds its sweep again
@@ -167,7 +168,8 @@ def sweep_run(sweep: SweepPlan, resume: str | None = None,
                     "search_seed": study.search_seed}
                    if sweep.search else {}),
                 **{f"executor.{k}": show(v) for k, v in sweep.executor_options.items()},
-                **{f"axis.{k}": ",".join(show(v) for v in values)
+                # a JSON list: exact when a value holds commas (["raw", "normalize,flip"])
+                **{f"axis.{k}": json.dumps([show(v) for v in values])
                    for k, values in study.grid.items()},
                 **{f"axis.{k}": json.dumps(spec) for k, spec in study.random.items()},
                 **{f"train.{k}": show(v) for k, v in study.train.items()}})
@@ -182,6 +184,7 @@ def sweep_run(sweep: SweepPlan, resume: str | None = None,
             on_start(run.id, total if sweep.search else len(todo), len(earlier))
 
         def heard(outcome: Outcome):
+            settle(outcome)  # a trial's run says how it ended, whatever the executor
             outcomes.append(outcome)
             if on_outcome is not None:
                 on_outcome(outcome, len(outcomes), len(todo))
@@ -240,6 +243,7 @@ def run_search(sweep: SweepPlan, run, on_outcome, start: float) -> SweepResult:
     from ..cli.console import err
 
     study, search = sweep.study, sweep.search
+    where = origin()
     if study.metric.startswith(("final/test_", "test/")):
         err.print(f"cifarx: warning: the search selects on {study.metric}, measured on the test "
                   "set: the best configuration's test accuracy is optimistic; select on val/acc "
@@ -259,6 +263,7 @@ def run_search(sweep: SweepPlan, run, on_outcome, start: float) -> SweepResult:
         waiting: dict[int, tuple[Any, list[Outcome]]] = {}  # cifarx trial number -> group
 
         def heard(outcome: Outcome):
+            settle(outcome)
             outcomes.append(outcome)
             if on_outcome is not None:
                 on_outcome(outcome, len(outcomes), total)
@@ -281,10 +286,11 @@ def run_search(sweep: SweepPlan, run, on_outcome, start: float) -> SweepResult:
                                       search.curve, report=i == 0, last=config.iters
                                       ) if search.pruner else None
                     trial = Trial(key=config_key(config_seed), number=len(ran),
-                                  config=config_seed, axes=axes, tracking_uri=sweep.uri,
-                                  experiment=study.experiment, parent=run.id,
-                                  executor=sweep.executor.name,
-                                  run_name=run_namer(study)(axes, seed), pruning=pruning)
+                                  config=portable(config_seed), axes=axes,
+                                  tracking_uri=sweep.uri, experiment=study.experiment,
+                                  parent=run.id, executor=sweep.executor.name,
+                                  run_name=run_namer(study)(axes, seed), pruning=pruning,
+                                  **where)
                     ran.append(trial)
                     waiting[trial.number] = (otrial, group)
                     yield trial

@@ -18,7 +18,7 @@ from ..tracking.common import tracking_uri as resolve_uri
 from ..training.config import OPTION_FLAGS, plan as make_plan, resolve_plugin_options
 from .configurations import config_key, configurations, digest
 from .study import OPTION_KEYS, Configuration, Study, field_name, pruner_warmup, raw_of
-from .trials import Outcome, Trial
+from .trials import Outcome, Trial, origin, portable
 
 TPE_STARTUP = 10  # configurations the TPE sampler draws at random before it models results
 # what a tpe search can optimize (a trial's outcome has these), and the curve its pruner follows
@@ -95,9 +95,11 @@ def plan_sweep(study: Study, executor: str = "local", executor_options=(),
             raise UserError(f"study{' (' + where + ')' if where else ''}: {exc}") from None
     uri = resolve_uri(uri)
     run_name_of = run_namer(study)
-    trials = [Trial(key=config_key(config), number=i, config=config, axes=point.axes,
+    where = origin()
+    # the key before the data folder is made absolute: a sweep resumes from another folder
+    trials = [Trial(key=config_key(config), number=i, config=portable(config), axes=point.axes,
                     tracking_uri=uri, experiment=study.experiment, parent="",
-                    executor=found.name, run_name=run_name_of(point.axes, config.seed))
+                    executor=found.name, run_name=run_name_of(point.axes, config.seed), **where)
               for i, (point, config) in enumerate(
                   (p, replace(p.config, seed=seed)) for p in points for seed in study.seeds)]
     if found.check is not None:

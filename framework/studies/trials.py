@@ -10,6 +10,8 @@ Optuna study and stops when the pruner says so: a PRUNED outcome, its run FINISH
 
 from __future__ import annotations
 
+import os
+import socket
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -37,6 +39,35 @@ class Trial:
     run_name: str | None = None
     pruning: Pruning | None = None  # a tpe search's pruner watches this trial
     resume: str | None = None  # the run of this trial that was interrupted: continue it
+    # The sweep's settings from its environment (CIFARX_DATA_DIR, ...: see
+    # :func:`environment`), set in the worker that runs it: a Ray node or a plugin's
+    # scheduler does not inherit the sweep's environment.
+    env: Mapping[str, str] = field(default_factory=dict)
+    host: str = ""  # the machine the sweep runs on: a failure elsewhere names its own
+
+
+def portable(config: TrainConfig) -> TrainConfig:
+    """``config`` with a relative data folder made absolute: a worker may run elsewhere (a Ray
+    worker starts in a folder of its own)."""
+    from dataclasses import replace
+
+    if config.data_dir and not os.path.isabs(os.path.expanduser(config.data_dir)):
+        return replace(config, data_dir=os.path.abspath(config.data_dir))
+    return config
+
+
+def origin() -> dict[str, Any]:
+    """What every trial of a sweep started here carries: ``env`` and ``host``."""
+    return {"env": environment(), "host": socket.gethostname()}
+
+
+def environment() -> dict[str, str]:
+    """The cifarx settings of this process's environment (every ``CIFARX_*`` variable) that a
+    trial needs wherever it runs, a data folder given relative to this one made absolute."""
+    env = {k: v for k, v in os.environ.items() if k.startswith("CIFARX_")}
+    if env.get("CIFARX_DATA_DIR"):
+        env["CIFARX_DATA_DIR"] = os.path.abspath(os.path.expanduser(env["CIFARX_DATA_DIR"]))
+    return env
 
 
 @dataclass(frozen=True)
@@ -84,12 +115,23 @@ def _load(plan):
 
 
 def run_trial(trial: Trial) -> Outcome:
-    """Train ``trial`` into a child run of the sweep's run (in a worker process)."""
+    """Train ``trial`` into a child run of the sweep's run (in a worker process). A failure
+    on another machine than the sweep's says which (``on node-2: ...``)."""
+    os.environ.update(trial.env)
+    outcome = _train(trial)
+    here = socket.gethostname()
+    if outcome.error and outcome.status == "FAILED" and trial.host and here != trial.host:
+        outcome.error = f"on {here}: {outcome.error}"
+    return outcome
+
+
+def _train(trial: Trial) -> Outcome:
     from .. import runs
     from ..errors import Diverged, UserError
 
     tracking = runs.Tracking(trial.tracking_uri, trial.experiment, trial.run_name, trial.parent,
-                             {TRIAL_TAG: trial.key, EXECUTOR_TAG: trial.executor})
+                             {TRIAL_TAG: trial.key, EXECUTOR_TAG: trial.executor},
+                             params=axis_params(trial.axes))
     try:
         listeners = [pruning_listener(trial.pruning)] if trial.pruning else []
         if trial.resume:  # from its last checkpoint, in its own run
@@ -158,6 +200,41 @@ def pruning_listener(pruning: Pruning):
                 raise Pruned(step, f"pruned at iteration {step} ({key} {value:.4g})")
 
     return listen
+
+
+def settle(outcome: Outcome):
+    """Make a trial's run say how the trial ended, whoever reported it: a run that a dead
+    worker (or node) left RUNNING ends as the outcome says, with its error as the tag
+    ``cifarx.error``, unless the run already holds one. Never raises."""
+    if outcome.status not in ("FAILED", "KILLED"):
+        return
+    from ..tracking.lifecycle import ERROR_TAG
+
+    try:
+        import mlflow
+
+        client = mlflow.MlflowClient(outcome.trial.tracking_uri)
+        outcome.run_id = outcome.run_id or _run_of(outcome.trial)
+        if not outcome.run_id:
+            return
+        run = client.get_run(outcome.run_id)
+        if outcome.error and ERROR_TAG not in run.data.tags:
+            client.set_tag(outcome.run_id, ERROR_TAG, " ".join(outcome.error.split())[:5000])
+        if run.info.status == "RUNNING":
+            client.set_terminated(outcome.run_id, outcome.status)
+    except Exception:  # the outcome matters more than the run's record of it
+        pass
+
+
+def axis_params(axes: Mapping[str, Any]) -> dict[str, str]:
+    """A trial's swept values as the study wrote them, as params ``axis.<key>``
+    (``axis.attack-opt.eps = 1/255``) beside the run's own, which hold the values used
+    (``attack.eps = 0.00392156862745098``): the user's text to compare trials by in the MLflow
+    UI."""
+    from ..plugin_api.options import show
+
+    return {f"axis.{key}": ",".join(map(show, value)) if isinstance(value, (list, tuple))
+            else show(value) for key, value in axes.items()}
 
 
 def _run_of(trial: Trial) -> str | None:

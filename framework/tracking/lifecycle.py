@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -41,8 +43,27 @@ def _open(uri: str, experiment: str | None, run_name: str | None, parent: str | 
     from mlflow.tracking.context.registry import resolve_tags
 
     # who and what started it (the UI's "Created by" and "Source"), as mlflow.start_run sets
-    tags = {**resolve_tags(), **({MLFLOW_PARENT_RUN_ID: parent} if parent else {})}
+    tags = {**resolve_tags(), **where_tags(),
+            **({MLFLOW_PARENT_RUN_ID: parent} if parent else {})}
     return client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+
+
+HOST_TAG = "cifarx.host"  # the machine a run ran on
+RAY_NODE_TAG = "cifarx.ray_node"  # and its Ray node, when a Ray worker ran it
+
+
+def where_tags() -> dict[str, str]:
+    """Where a run ran: its host, its Ray node (in a Ray worker), and cifarx as its source
+    (MLflow's "Source" would name the interpreter's script: Ray's ``default_worker.py``, a
+    worker process's ``-c``)."""
+    tags = {"mlflow.source.name": "cifarx", HOST_TAG: socket.gethostname()}
+    ray = sys.modules.get("ray")
+    if ray is not None and getattr(ray, "is_initialized", lambda: False)():
+        try:
+            tags[RAY_NODE_TAG] = ray.get_runtime_context().get_node_id()
+        except Exception:  # noqa: BLE001  a driver between ray calls: no node of its own
+            pass
+    return tags
 
 
 def artifact_location(uri: str, experiment: str) -> str | None:

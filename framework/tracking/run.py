@@ -105,8 +105,10 @@ class Run:
         return self._experiment_id
 
     def log_params(self, params: Mapping[str, Any]):
-        """Log params; keys already present (set by ``mlflow run -P``) are left as they are."""
-        self._send("params", {"params": {k: str(v) for k, v in params.items()}})
+        """Log params; keys already present (set by ``mlflow run -P``) are left as they are.
+        Booleans as ``true``/``false``, as options are written (and shown)."""
+        self._send("params", {"params": {k: str(v).lower() if isinstance(v, bool) else str(v)
+                                         for k, v in params.items()}})
 
     def set_tags(self, tags: Mapping[str, Any]):
         self._send("tags", {"tags": {k: str(v) for k, v in tags.items()}})
