@@ -66,6 +66,19 @@ def train(
         help="Run id of a `cifarx attack` run (or a set.pt file) whose adversarial images join "
              "the training data with their true labels; repeatable, or a comma list.",
         show_default=False)] = None,
+    init_from: Annotated[Optional[str], typer.Option(
+        help="Start from this trained model's weights (runs:/<run id>/model, models:/NAME/N, "
+             "a model folder), tensor by tensor where name and shape agree: a head for "
+             "another number of classes starts fresh (CIFAR-10 -> CIFAR-100).",
+        show_default=False, metavar="MODEL")] = None,
+    freeze: Annotated[Optional[str], typer.Option(
+        help="Parameters that do not train, a comma list: backbone (every one but the "
+             "classifier head's: feature extraction) or glob patterns of parameter names "
+             "(features.*, conv1). Their BatchNorm statistics stay as loaded.",
+        show_default=False)] = None,
+    lr_backbone: Annotated[Optional[float], typer.Option(
+        help="Fine-tuning: the learning rate of every parameter but the head's (the head "
+             "trains at --lr; the schedule scales both).", show_default=False)] = None,
     label_smoothing: Annotated[float, typer.Option(
         help="Label smoothing of the cross-entropy, in [0, 1]: the true class's target is "
              "1 - s + s/classes, every other class's s/classes.")] = 0.0,
@@ -148,7 +161,8 @@ def train(
         dataset_options=tuple(dataset_opt or ()), adv_train=adv_train, adv_ratio=adv_ratio,
         attack_options=tuple(attack_opt or ()), adv_data=parse_list(",".join(adv_data or [])),
         label_smoothing=label_smoothing, l1=l1, clip_grad=clip_grad, val_split=val_split,
-        early_stop=early_stop, monitor=monitor, keep=keep, checkpoint_every=checkpoint_every)
+        early_stop=early_stop, monitor=monitor, keep=keep, checkpoint_every=checkpoint_every,
+        init_from=init_from, freeze=parse_list(freeze or ""), lr_backbone=lr_backbone)
     # Every check, the data and the model first: bad input opens no run.
     found = plugins_catalog()
     analyses = None

@@ -17,7 +17,7 @@ from ..plugin_api.types import ImageData
 from ..tracking import weights
 from ..tracking.common import NOTE, data_digest, tracking_uri
 from ..tracking.run import Run
-from ..training import loop
+from ..training import finetune, loop
 from ..training.config import Plan, TrainConfig, plan as make_plan
 from .common import Tracking, run_tags, third_party
 
@@ -113,6 +113,7 @@ def train_run(config: TrainConfig | TrainJob, tracking: Tracking = Tracking(),
                 "adv_data_test_images": job.setup.adv_test_images}
             if job.setup.split.val_images is not None:
                 added["val_images"] = len(job.setup.split.val_images)
+            added.update(finetune.counts(job.setup.model.net))
             run.log_params({**plan.params(), **added, **tracking.params})
             run.log_dataset(f"{plan.dataset.name}-{cfg.train_split}", data.source,
                             data_digest(data.train_images, data.train_labels),

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 from ..errors import UserError
 from ..plugin_api import options as opts
 from ..plugin_api.types import Architecture, Attack, Augmentation, Dataset, Probe
+from . import finetune
 from .optim import DEFAULTS, OPTIMIZERS, SCHEDULES
 
 if TYPE_CHECKING:
@@ -80,6 +81,9 @@ class TrainConfig:
     monitor: str = "val/acc"  # the metric that selects the model (best) and stops early
     keep: str | None = None  # the weights logged: best or last (None: best with early_stop)
     checkpoint_every: int = 0  # iterations between checkpoints (and one at SIGTERM); 0: none
+    init_from: str | None = None  # a model whose weights the network starts from
+    freeze: tuple[str, ...] = ()  # parameters that do not train: "backbone", glob patterns
+    lr_backbone: float | None = None  # the learning rate of all but the head (fine-tuning)
 
 
 @dataclass(frozen=True)
@@ -168,9 +172,12 @@ class Plan:
             flat["adv_data"] = ",".join(self.config.adv_data)
         else:
             del flat["adv_data"]
-        for key in ("clip_grad", "val_split", "early_stop"):
+        for key in ("clip_grad", "val_split", "early_stop", "init_from", "lr_backbone"):
             if flat[key] is None:
                 del flat[key]
+        flat["freeze"] = ",".join(flat["freeze"])
+        if not flat["freeze"]:
+            del flat["freeze"]
         if not self.selects:
             del flat["monitor"], flat["keep"]
         flat["data_dir"] = str(resolve_data_dir(self.config.data_dir))
@@ -369,6 +376,7 @@ def plan(config: TrainConfig, catalog: Catalog | None = None) -> Plan:
         raise UserError(f"--threads must be at least 1, got {config.threads}")
     attack, attack_options, adv_ratio, adv_per_batch = adversarial_training(catalog, config)
     check_regularizers(config)
+    finetune.check(config.freeze, config.lr_backbone)
     val_split, keep = model_selection(config)
     # The resolved options as texts that plan the same run again (config.json); unset ones
     # (None) are left out, as "target=" would read back as empty text.

@@ -42,7 +42,7 @@ from ..inference import adversarial, predict as inference, transfer
 from ..plugin_api.options import OptionError, flag_label, reword
 from ..plugin_api.types import AttackResult, ImageData
 from ..tracking.run import MetricLog, Point
-from . import validation
+from . import finetune, validation
 from .config import OPTION_FLAGS, Plan
 from .data import BatchSampler, TrainingImages
 from .model import Classifier
@@ -125,6 +125,9 @@ def assemble(plan: Plan, data: ImageData, tracking_uri: str | None = None) -> Se
     net = plugin_call("architecture", None, plan.arch_options, functools.partial(
         plan.arch.build, num_classes=len(data.classes), in_channels=image_shape[0],
         image_size=image_shape[1]))
+    if cfg.init_from:
+        finetune.init_from(net, cfg.init_from, tracking_uri)
+    finetune.apply(net, cfg.freeze)
     normalize = plan.pipeline.normalize
     model = Classifier(plugin_call("augmentation", normalize.name,
                                    plan.pipeline.options[normalize.name], normalize.fit,
@@ -176,8 +179,8 @@ def train(plan: Plan, data: ImageData, setup: Setup | None = None,
     setup = setup if setup is not None else assemble(plan, data)
     model, probes = setup.model, setup.probes
     amp = inference.amp_dtype(cfg.precision)
-    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum,
-                               cfg.weight_decay)
+    groups = finetune.param_groups(model, cfg.lr, cfg.lr_backbone)
+    optimizer = make_optimizer(cfg.optimizer, groups, cfg.lr, cfg.momentum, cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.schedule, cfg.iters))
 
     def emit(points: list[Point]):
