@@ -11,6 +11,10 @@
 
 Each reads only on the iterations it reports (1 and every ``stride``), returns tensors on
 the training device and leaves the host sync to the engine.
+
+And one analysis of a trained model, ``activation-maps`` (seed 004, section 8.1): the feature
+maps chosen layers produce for a few test images, and the filters that are dead (a map that
+is never positive, for any image: after a ReLU, the filter passes nothing).
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
-from cifarx import Option, Probe, UserError, hookimpl
+from cifarx import (Analysis, AnalysisData, Findings, Option, OptionError, Probe, UserError,
+                    hookimpl)
 from cifarx.plugins.probes import layers_of
 
 History = Mapping[str, list[tuple[int, float]]]
@@ -204,3 +209,113 @@ def register_probes(register):
                                  "update ratio"),
         summary="|w_{t+1} - w_t| / |w_t| of every conv/linear layer (update_ratio/<layer>), "
                 "the step the optimizer took, every stride=50 iterations; figure: heatmap"))
+
+
+# --- activation maps (an analysis of a trained model) -----------------------------------------
+
+def chosen_layers(net: nn.Module, layers: str) -> list[tuple[str, nn.Module]]:
+    """The modules ``layers`` names (a comma list), else the first, a middle and the last
+    Conv2d."""
+    modules = dict(net.named_modules())
+    if layers:
+        names = [n.strip() for n in layers.split(",") if n.strip()]
+        missing = [n for n in names if n not in modules]
+        if missing:
+            convs = [n for n, _ in layers_of(net, (nn.Conv2d,))]
+            raise OptionError("layers", f"the network has no module {missing[0]!r}; its conv "
+                                        f"layers: {', '.join(convs) or 'none'} (see cifarx "
+                                        "describe)")
+        return [(n, modules[n]) for n in names]
+    convs = layers_of(net, (nn.Conv2d,))
+    if not convs:
+        raise OptionError("layers", "the network has no Conv2d layer; name the modules whose "
+                                    "outputs are feature maps")
+    picks = sorted({0, len(convs) // 2, len(convs) - 1})
+    return [convs[i] for i in picks]
+
+
+def feature_maps(model: nn.Module, modules: list[nn.Module], images: Tensor) -> list[Tensor]:
+    """What each module outputs for ``images`` (in batches), on the CPU, as float32."""
+    found: list[list[Tensor]] = [[] for _ in modules]
+    hooks = [m.register_forward_hook(lambda mod, args, out, i=i: found[i].append(
+        out.detach().float().cpu())) for i, m in enumerate(modules)]
+    try:
+        with torch.no_grad():
+            for batch in images.split(100):
+                model(batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [torch.cat(parts) for parts in found]
+
+
+def check_activation_maps(model: nn.Module, data: AnalysisData, layers: str = "",
+                          images: int = 2, channels: int = 8):
+    picked = chosen_layers(getattr(model, "net", model), layers)
+    outputs = feature_maps(model, [m for _, m in picked], data.images[:1])
+    flat = [n for (n, _), out in zip(picked, outputs) if out.dim() != 4]
+    if flat:
+        raise OptionError("layers", f"{flat[0]} does not output feature maps (N x C x H x W); "
+                                    "name a conv layer or an activation after one")
+
+
+def activation_maps(model: nn.Module, data: AnalysisData, layers: str = "", images: int = 2,
+                    channels: int = 8) -> Findings:
+    """Each chosen layer's feature maps for ``images`` test images of different classes (the
+    first ``channels`` channels, each scaled to its own range), and, over every chosen image,
+    the share of the layer's channels that are dead: never positive for any image or
+    position."""
+    import matplotlib.pyplot as plt
+
+    import cifarx.figures  # noqa: F401
+    from cifarx.inference.adversarial import figure_rows
+
+    net = getattr(model, "net", model)
+    picked = chosen_layers(net, layers)
+    outputs = feature_maps(model, [m for _, m in picked], data.images)
+    rows = figure_rows(data.labels.cpu(), images)[:images]
+    metrics, shown, summary = {}, {}, []
+    for (name, _), out in zip(picked, outputs):
+        dead = (out.amax(dim=(0, 2, 3)) <= 0).float()
+        metrics[f"analysis/activation_maps/dead/{name}"] = float(dead.mean())
+        metrics[f"analysis/activation_maps/positive/{name}"] = float((out > 0).float().mean())
+        shown[name] = out[rows, :channels].clone()
+        summary.append(f"{name} {int(dead.sum())}/{len(dead)} dead")
+    k = min(channels, max(o.shape[1] for o in outputs))
+    fig, axes = plt.subplots(len(rows) * len(picked), k + 1,
+                             figsize=(1.1 * (k + 1), 1.15 * len(rows) * len(picked) + 0.4),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for r, row in enumerate(rows):
+        for j, ((name, _), out) in enumerate(zip(picked, outputs)):
+            line = axes[r * len(picked) + j]
+            line[0].imshow(data.images[row].float().cpu().permute(1, 2, 0).squeeze().clamp(0, 1),
+                           cmap="gray" if data.images.shape[1] == 1 else None)
+            line[0].set_title(f"{data.classes[int(data.labels[row])]}\n{name}", fontsize=6)
+            never = out.amax(dim=(0, 2, 3)) <= 0
+            for c in range(min(k, out.shape[1])):
+                line[c + 1].imshow(out[row, c], cmap="viridis")
+                line[c + 1].set_title(f"#{c}" + (" dead" if never[c] else ""), fontsize=6,
+                                      color="red" if never[c] else "black")
+    fig.suptitle("feature maps (each scaled to its own range; dead: never positive)",
+                 fontsize=8)
+    fig.tight_layout()
+    return Findings(figure=fig, metrics=metrics, files={"activation_maps/maps.pt": shown},
+                    summary="; ".join(summary) + f" (over {len(data.images)} images)",
+                    resolved={} if layers else {"layers": ",".join(n for n, _ in picked)})
+
+
+@hookimpl
+def register_analyses(register):
+    register(Analysis(
+        name="activation-maps", analyze=activation_maps, check=check_activation_maps,
+        options={"layers": Option("", str, help="comma list of modules whose outputs are "
+                                                "shown (default: the first, a middle and the "
+                                                "last conv)"),
+                 "images": Option(2, int, range="[1, 10]", help="test images shown, of "
+                                                                "different classes"),
+                 "channels": Option(8, int, range="[1, 64]", help="feature maps shown per "
+                                                                  "layer and image")},
+        summary="the feature maps of chosen layers for a few test images, and the share of "
+                "dead filters (analysis/activation_maps/dead/<layer>)"))

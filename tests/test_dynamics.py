@@ -88,3 +88,37 @@ def test_the_probes_in_a_training_run(data_dir, tmp_path):
     figures = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
     assert {"figures/grad-flow.png", "figures/activations.png",
             "figures/update-ratio.png"} <= figures
+
+
+def test_activation_maps_show_each_layer_and_count_dead_filters():
+    """Two of a conv's four filters can never be positive (a large negative bias): half of
+    its channels are dead, whatever the image (issue 20: 004's activation maps)."""
+    from cifarx import AnalysisData, OptionError
+    from cifarx.plugins.dynamics import activation_maps, check_activation_maps
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, padding=1),
+                        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 10))
+    with torch.no_grad():
+        net[0].weight.mul_(0.1)
+        net[0].bias.copy_(torch.tensor([0.0, 0.0, -100.0, -100.0]))
+    images = torch.rand(20, 3, 8, 8)
+    labels = torch.arange(20) % 10
+    data = AnalysisData(images=images, labels=labels, indices=torch.arange(20),
+                        classes=tuple("abcdefghij"), test_images=(images * 255).byte(),
+                        test_labels=labels)
+    found = activation_maps(net.eval(), data, images=2, channels=4)
+    assert found.resolved == {"layers": "0,2"}  # the first and the last conv (one is both)
+    assert found.metrics["analysis/activation_maps/dead/0"] == 0.5
+    maps = found.files["activation_maps/maps.pt"]
+    assert maps["0"].shape == (2, 4, 8, 8) and maps["2"].shape == (2, 4, 8, 8)
+    with torch.no_grad():
+        expected = net[0](images[[0, 1]])
+    assert torch.allclose(maps["0"], expected)
+    assert found.figure is not None and "0 2/4 dead" in found.summary
+    relu = activation_maps(net, data, layers="1", images=1, channels=2)
+    assert relu.metrics["analysis/activation_maps/dead/1"] == 0.5
+    with pytest.raises(OptionError, match="no module 'conv9'"):
+        check_activation_maps(net, data, layers="conv9")
+    with pytest.raises(OptionError, match="does not output feature maps"):
+        check_activation_maps(net, data, layers="6")

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any, Mapping
 from ..errors import UserError
 from ..plugin_api import options as opts
 from ..plugin_api.types import Architecture, Attack, Augmentation, Dataset, Probe
-from . import finetune
 from .optim import DEFAULTS, OPTIMIZERS, SCHEDULES
 
 if TYPE_CHECKING:
@@ -376,7 +375,9 @@ def plan(config: TrainConfig, catalog: Catalog | None = None) -> Plan:
         raise UserError(f"--threads must be at least 1, got {config.threads}")
     attack, attack_options, adv_ratio, adv_per_batch = adversarial_training(catalog, config)
     check_regularizers(config)
-    finetune.check(config.freeze, config.lr_backbone)
+    from .finetune import check as check_finetune  # it imports torch: not at --help
+
+    check_finetune(config.freeze, config.lr_backbone)
     val_split, keep = model_selection(config)
     # The resolved options as texts that plan the same run again (config.json); unset ones
     # (None) are left out, as "target=" would read back as empty text.
