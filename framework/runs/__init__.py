@@ -17,6 +17,7 @@ from .evaluate import EvaluateConfig, EvaluateRun, evaluate_run
 from .analyze import AnalyzeConfig, AnalyzeRun, analyze_run
 from .attack import AttackConfig, AttackRun, attack_run
 from .transfer import TransferConfig, TransferRun, transfer_run
+from .robustness import RobustnessConfig, RobustnessRun, robustness_run
 
 __all__ = ["PRUNED_TAG", "TrainJob", "TrainRun", "prepare_training", "train_run", "CHECKPOINT",
            "save_checkpoint", "resume_run", "prepare_resume", "best_metrics", "log_figures",
@@ -24,4 +25,5 @@ __all__ = ["PRUNED_TAG", "TrainJob", "TrainRun", "prepare_training", "train_run"
            "run_tags", "third_party", "load_test_data", "model_classes", "model_run",
            "model_dataset", "linked", "log_test_set", "EvaluateConfig", "EvaluateRun",
            "evaluate_run", "AnalyzeConfig", "AnalyzeRun", "analyze_run", "AttackConfig",
-           "AttackRun", "attack_run", "TransferConfig", "TransferRun", "transfer_run"]
+           "AttackRun", "attack_run", "TransferConfig", "TransferRun", "transfer_run",
+           "RobustnessConfig", "RobustnessRun", "robustness_run"]
