@@ -33,6 +33,10 @@ GALLERY = 20  # images a figure shows at most (the files hold all of them)
 BATCH = 50  # images attributed at once
 SANITY_THRESHOLD = 0.5  # a method passes when its maps correlate less with the random model's
 SANITY = Option(False, bool, help="also run the model-randomization test (Adebayo et al. 2018)")
+# The randomization cascade goes down every conv and linear layer; maps are compared at this
+# many points of it (evenly spaced, the fully randomized model last): a 26-layer net costs 6
+# passes of the method rather than 26, and the curve keeps its shape.
+SANITY_POINTS = 6
 
 
 # --- the model's layers -------------------------------------------------------------------
@@ -128,7 +132,8 @@ def grad_cam_maps(model: nn.Module, images: Tensor, targets: Tensor, layer: str 
 
 
 def integrated_gradients_maps(model: nn.Module, images: Tensor, targets: Tensor,
-                              steps: int = 50, baseline: str = "black") -> Tensor:
+                              steps: int = 50, baseline: str = "black",
+                              sanity_steps: int = 16) -> Tensor:
     """The gradient integrated along the straight path from a baseline image, times the
     difference; summed over channels, so that a map sums to logit_y(image) - logit_y(baseline)."""
     from captum.attr import IntegratedGradients
@@ -183,16 +188,33 @@ def randomized_copies(model: nn.Module, seed: int = 0) -> Iterator[tuple[str, nn
         yield name, randomized
 
 
+def checkpoints(count: int, points: int = SANITY_POINTS) -> set[int]:
+    """Which of ``count`` cascade steps (0 = the top layer randomized) are compared: ``points``
+    evenly spaced, the last (every layer randomized) always among them."""
+    if count <= points:
+        return set(range(count))
+    return {round(i * (count - 1) / (points - 1)) for i in range(points)}
+
+
 def sanity_check(name: str, maps: Callable[..., Tensor], model: nn.Module, data: AnalysisData,
                  trained: Tensor, values: dict) -> tuple[dict[str, float], object]:
-    """The model-randomization test: each randomized copy's maps against the trained model's,
-    by rank (of |map|). Metrics ``analysis/<name>/sanity/<layer>`` (the median over the images,
-    once every layer from the top down to that one is randomized), ``sanity_spearman`` (the
-    fully randomized copy) and ``sanity_passed`` (1 when that is below 0.5)."""
+    """The model-randomization test: randomized copies' maps against the trained model's, by
+    rank (of |map|), at :data:`SANITY_POINTS` points of the cascade. Metrics
+    ``analysis/<name>/sanity/<layer>`` (the median over the images, once every layer from the
+    top down to that one is randomized), ``sanity_spearman`` (the fully randomized copy) and
+    ``sanity_passed`` (1 when that is below 0.5). Integrated gradients compares maps of
+    ``sanity_steps`` points (its trained maps again too)."""
+    if "sanity_steps" in values:  # a rank test needs no fine integral: 16 points, not 50
+        values = {**values, "steps": values["sanity_steps"]}
+        trained = attribute(maps, model, data.images, data.labels, values)
     trained = trained.abs()
     layers, rhos, examples = [], [], []
     shown = _example_rows(data.labels.cpu())
-    for layer, randomized in randomized_copies(model, data.seed):
+    count = len(layers_of(network(model), (nn.Conv2d, nn.Linear)))
+    compared = checkpoints(count)
+    for step, (layer, randomized) in enumerate(randomized_copies(model, data.seed)):
+        if step not in compared:
+            continue
         randomized_maps = attribute(maps, randomized, data.images, data.labels, values)
         layers.append(layer)
         rhos.append(spearman(trained, randomized_maps.abs()))
@@ -712,7 +734,11 @@ def register_analyses(register):
                                                help="points on the path (Gauss-Legendre)"),
                                "baseline": Option("black", choices=("black", "gray"),
                                                   help="the image the path starts from"),
-                               "sanity": SANITY},
+                               "sanity": SANITY,
+                               "sanity_steps": Option(16, int, range="[2, 1000]",
+                                                      help="points on the path in the "
+                                                           "randomization test (its maps are "
+                                                           "compared by rank)")},
                       summary="integrated gradients from a black image (Captum), summed over "
                               "channels; attributions/integrated-gradients.pt"))
     register(Analysis(name="embedding", analyze=embedding, check=check_embedding,

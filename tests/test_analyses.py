@@ -215,6 +215,38 @@ def test_randomization_correlates_identical_models_fully_and_random_ones_little(
     assert figure is not None
 
 
+def test_a_deep_cascade_is_compared_at_a_few_points_the_last_always():
+    """The sanity test of a 26-layer net (residual) costs 6 passes of the method, not 26."""
+    from cifarx.plugins.analyses import SANITY_POINTS, checkpoints
+
+    assert checkpoints(4) == {0, 1, 2, 3}
+    points = checkpoints(26)
+    assert len(points) == SANITY_POINTS == 6 and {0, 25} <= points
+    assert sorted(points) == [0, 5, 10, 15, 20, 25]
+
+
+def test_integrated_gradients_sanity_compares_maps_of_sanity_steps(square_model, monkeypatch):
+    """Both the trained and the randomized maps of the test use sanity_steps points."""
+    from cifarx.plugins import analyses
+
+    images, labels, _ = squares(8, seed=4)
+    model = copy.deepcopy(square_model).apply(_not_in_place)
+    seen = []
+    real = analyses.integrated_gradients_maps
+
+    def counting(model, images, targets, steps=50, baseline="black", sanity_steps=16):
+        seen.append(steps)
+        return real(model, images, targets, steps, baseline, sanity_steps)
+
+    trained = real(model, images, labels, steps=50)
+    metrics, _ = sanity_check("integrated-gradients", counting, model, toy_data(images, labels),
+                              trained, {"steps": 50, "baseline": "black", "sanity_steps": 8})
+    assert seen and set(seen) == {8}  # the trained maps again, then each checkpoint's
+    assert len(seen) == 1 + 4
+    assert {f"analysis/integrated-gradients/sanity/{n}" for n in ("fc", "conv3", "conv2",
+                                                                    "conv1")} <= set(metrics)
+
+
 # --- the runner -----------------------------------------------------------------------------
 
 def test_choose_takes_as_many_of_each_class_as_it_can_by_seed():
@@ -232,7 +264,7 @@ def test_plan_checks_names_options_and_images():
     chosen = plan(found, ["grad-cam", "embedding"], ["grad-cam.layer=conv1", "embedding.k=3"])
     assert chosen.options["grad-cam"] == {"layer": "conv1", "sanity": False}
     assert chosen.params()["analysis.embedding.k"] == "3"
-    with pytest.raises(Exception, match="unknown analysis 'nope'; available: calibration"):
+    with pytest.raises(Exception, match="unknown analysis 'nope'; available: activation-maps, calibration"):
         plan(found, ["nope"])
     with pytest.raises(Exception, match="--analysis-opt embedding.k=0: not accepted"):
         plan(found, ["embedding"], ["embedding.k=0"])
