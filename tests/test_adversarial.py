@@ -174,7 +174,8 @@ def test_transfer_numbers_equal_a_direct_recomputation(models, data_dir, trackin
 
 @pytest.mark.parametrize("args, fragments", [
     (["--model", "runs:/0123456789abcdef0123456789abcdef/model"], ["no run '0123456789abcdef0123456789abcdef' in the store"]),
-    (["--attack", "nope"], ["unknown attack 'nope'", "available: autoattack, fgsm, fool-noise, ifgsm, pgd"]),
+    (["--attack", "nope"], ["unknown attack 'nope'",
+                            "available: autoattack, fgsm, fool-noise, ifgsm, pgd"]),
     # The schema checks the values. The flag the user typed (--eps, not --attack-opt eps) is
     # checked in test_an_attack_flag_is_named_in_its_message.
     (["--eps", "0"], [refused("eps", "0", "ifgsm", f"{FLOAT} in (0, 1]")]),

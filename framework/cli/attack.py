@@ -80,7 +80,8 @@ def attack(
     if robust_accuracy:  # its default attack is autoattack, not ifgsm (which is unbounded)
         chosen = getattr(ctx.get_parameter_source("attack_name"), "name", "DEFAULT") \
             != "DEFAULT" if ctx is not None else True
-        return _robust_accuracy(model, attack_name if chosen else "autoattack", eps, attack_opt, per_class, all_test, count,
+        return _robust_accuracy(model, attack_name if chosen else "autoattack", eps, attack_opt,
+                                per_class, all_test, count,
                                 batch_size, dataset, dataset_opt, data_dir, device, seed,
                                 threads, experiment, run_name, tracking_uri, description, tag,
                                 system_metrics, trust_pickle)

@@ -3,9 +3,9 @@
 The first ``count`` test images; at each ``eps``, the attack runs on those the model gets
 right, and an image counts as robust when the model still classifies its adversarial version
 correctly (checked here, not taken from the attack's own report) and that version is within
-``eps`` of it (L-inf, or L2 for an attack whose ``norm`` option is 2). ``eps`` 0 is the clean accuracy. The attack must take ``eps`` as a
-radius (``autoattack``, ``pgd``, ``fgsm``): one that leaves the ball (``ifgsm``'s ``eps`` is a
-step size) is refused before any run opens.
+``eps`` of it (L-inf, or L2 for an attack whose ``norm`` option is 2). ``eps`` 0 is the clean
+accuracy. The attack must take ``eps`` as a radius (``autoattack``, ``pgd``, ``fgsm``): one
+that leaves the ball (``ifgsm``'s ``eps`` is a step size) is refused before any run opens.
 """
 
 from __future__ import annotations
