@@ -194,3 +194,32 @@ def test_evaluation_folds_batchnorm_into_a_copy_and_gives_the_same_logits():
     images = (torch.rand(10, 3, 32, 32) * 255).to(torch.uint8)
     predict(net, images, torch.device("cpu"))
     assert net.training  # predict leaves the model's mode alone
+
+
+def test_tta_averages_the_flipped_and_shifted_views():
+    """--tta flip averages the logits of the image and its mirror; flip-translate weighs those
+    1/2 and the one-pixel shifts (edges reflected) 1/4 each (issue 22)."""
+    import torch.nn.functional as F
+
+    from cifarx.inference.predict import predict, with_tta
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+    x = torch.rand(5, 3, 6, 6)
+    with torch.no_grad():
+        plain, mirror = net(x), net(x.flip(-1))
+        assert torch.allclose(with_tta(net, x, "none"), plain)
+        assert torch.allclose(with_tta(net, x, "flip"), (plain + mirror) / 2, atol=1e-6)
+        padded = F.pad(torch.cat([x, x.flip(-1)]), (1, 1, 1, 1), mode="reflect")
+        up, down = net(padded[..., :6, :6]), net(padded[..., 2:, 2:])
+        expected = (plain + mirror) / 4 + (up[:5] + up[5:] + down[:5] + down[5:]) / 8
+        assert torch.allclose(with_tta(net, x, "flip-translate"), expected, atol=1e-6)
+    logits = predict(net, (x * 255).byte(), torch.device("cpu"), tta="flip", batch_size=2)
+    assert torch.allclose(logits, with_tta(net, (x * 255).byte().float() / 255, "flip"),
+                          atol=1e-5)
+    # a bad value is one line before anything runs
+    from cifarx import UserError
+    from cifarx.training.config import TrainConfig, plan
+
+    with pytest.raises(UserError, match="--tta mirror: accepted: none, flip, flip-translate"):
+        plan(TrainConfig(tta="mirror"))

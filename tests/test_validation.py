@@ -118,7 +118,7 @@ def scripted(monkeypatch):
     real = inference.evaluate
     seen = {"weights": [], "calls": 0}
 
-    def evaluate(model, images, labels, device, precision="auto"):
+    def evaluate(model, images, labels, device, precision="auto", tta="none"):
         loss, acc, predictions = real(model, images, labels, device, precision)
         if len(images) == 200:  # the synthetic test set
             seen["weights"].append({k: v.clone() for k, v in model.state_dict().items()})

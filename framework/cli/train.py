@@ -8,7 +8,8 @@ import typer
 
 from ..errors import UserError
 from ..tracking.common import DEFAULT_EXPERIMENT
-from ..training.config import ADV_RATIO, KEEPS, MONITORS, TrainConfig, parse_list
+from ..training.checks import KEEPS, MONITORS
+from ..training.config import ADV_RATIO, TrainConfig, parse_list
 from ..training.optim import DEFAULTS, OPTIMIZERS, SCHEDULES
 from .common import (PER_ARCH, AnalysisOpt, ArchOpt, AttackOpt, AugOpt, DataDir, DatasetName,
                      DatasetOpt, Description, Device, Experiment, Precision, ProbeOpt, RunName,
@@ -79,6 +80,10 @@ def train(
     lr_backbone: Annotated[Optional[float], typer.Option(
         help="Fine-tuning: the learning rate of every parameter but the head's (the head "
              "trains at --lr; the schedule scales both).", show_default=False)] = None,
+    tta: Annotated[str, typer.Option(
+        help="Test-time augmentation at each evaluation: none, flip (the image and its mirror "
+             "averaged) or flip-translate (also shifted a pixel; as the speed records).")
+    ] = "none",
     label_smoothing: Annotated[float, typer.Option(
         help="Label smoothing of the cross-entropy, in [0, 1]: the true class's target is "
              "1 - s + s/classes, every other class's s/classes.")] = 0.0,
@@ -162,7 +167,7 @@ def train(
         attack_options=tuple(attack_opt or ()), adv_data=parse_list(",".join(adv_data or [])),
         label_smoothing=label_smoothing, l1=l1, clip_grad=clip_grad, val_split=val_split,
         early_stop=early_stop, monitor=monitor, keep=keep, checkpoint_every=checkpoint_every,
-        init_from=init_from, freeze=parse_list(freeze or ""), lr_backbone=lr_backbone)
+        init_from=init_from, freeze=parse_list(freeze or ""), lr_backbone=lr_backbone, tta=tta)
     # Every check, the data and the model first: bad input opens no run.
     found = plugins_catalog()
     analyses = None

@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING, Any, Mapping
 from ..errors import UserError
 from ..plugin_api import options as opts
 from ..plugin_api.types import Architecture, Attack, Augmentation, Dataset, Probe
-from .optim import DEFAULTS, OPTIMIZERS, SCHEDULES
+from .checks import (check_evaluation, check_hyperparameters, check_regularizers,
+                     model_selection)
+from .optim import DEFAULTS
 
 if TYPE_CHECKING:
     import torch
@@ -24,9 +26,7 @@ if TYPE_CHECKING:
     from ..plugin_api.types import ImageData
 
 PRECISIONS = ("auto", "fp32", "bf16")
-KEEPS = ("best", "last")  # --keep: the weights of the best evaluation, or the last ones
 # What a run measures at every evaluation, so what --monitor may follow (test/ ones leak).
-MONITORS = ("val/acc", "val/loss", "test/acc", "test/loss")
 ADV_RATIO = 0.5  # with --adv-train: the fraction of each batch replaced by adversarial images
 
 # The flag that sets each kind's options. Single-plugin kinds take NAME=VALUE, multi-plugin
@@ -83,6 +83,7 @@ class TrainConfig:
     init_from: str | None = None  # a model whose weights the network starts from
     freeze: tuple[str, ...] = ()  # parameters that do not train: "backbone", glob patterns
     lr_backbone: float | None = None  # the learning rate of all but the head (fine-tuning)
+    tta: str = "none"  # test-time views averaged at each evaluation (inference.predict.TTA)
 
 
 @dataclass(frozen=True)
@@ -287,60 +288,6 @@ def adversarial_training(catalog: Catalog, config: TrainConfig
     return attack, chosen, ratio, per_batch
 
 
-def check_regularizers(config: TrainConfig):
-    if not 0 <= config.label_smoothing <= 1:
-        raise UserError(f"--label-smoothing must be in [0, 1], got {config.label_smoothing}")
-    if config.l1 < 0:
-        raise UserError(f"--l1 must be >= 0, got {config.l1}")
-    if config.clip_grad is not None and not config.clip_grad > 0:
-        raise UserError(f"--clip-grad must be positive (the largest gradient norm), got "
-                        f"{config.clip_grad}")
-
-
-def model_selection(config: TrainConfig) -> tuple[float | int | None, str]:
-    """``--val-split``, ``--early-stop``, ``--monitor`` and ``--keep`` checked: (the split, a
-    count as a whole number, and the weights kept)."""
-    held = config.val_split
-    if held is not None:
-        if not (0 < held < 1 or held >= 1 and held == int(held)):
-            raise UserError(f"--val-split must be a number of images (a whole number >= 1) or a "
-                            f"fraction in (0, 1), got {held:g}")
-        held = int(held) if held >= 1 else held
-    if config.early_stop is not None and config.early_stop < 1:
-        raise UserError(f"--early-stop must be at least 1 (evaluations without improvement), "
-                        f"got {config.early_stop}")
-    keep = config.keep or ("best" if config.early_stop is not None else "last")
-    if keep not in KEEPS:
-        raise UserError(f"unknown --keep {keep!r}; accepted: {', '.join(KEEPS)}")
-    if config.monitor not in MONITORS:
-        raise UserError(f"unknown --monitor {config.monitor!r}; accepted: "
-                        f"{', '.join(MONITORS)} (measured at every evaluation)")
-    if config.monitor.startswith("val/") and held is None:
-        for flag, used in (("--early-stop", config.early_stop is not None),
-                           ("--keep best", keep == "best")):
-            if used:
-                raise UserError(f"{flag} follows --monitor {config.monitor}, which needs a "
-                                "validation split: add --val-split N (images, or a fraction "
-                                "such as 0.1)")
-    return held, keep
-
-
-def check_hyperparameters(filled: dict[str, Any]):
-    if filled["optimizer"] not in OPTIMIZERS:
-        raise UserError(f"unknown optimizer {filled['optimizer']!r}; accepted: "
-                        f"{', '.join(OPTIMIZERS)}")
-    if filled["schedule"] not in SCHEDULES:
-        raise UserError(f"unknown schedule {filled['schedule']!r}; accepted: "
-                        f"{', '.join(SCHEDULES)}")
-    if not 0 < filled["lr"] < float("inf"):  # inf would open a run that diverges at once
-        raise UserError(f"--lr must be a positive finite number, got {filled['lr']}")
-    if not 0 <= filled["momentum"] < 1:
-        raise UserError(f"--momentum must be in [0, 1), got {filled['momentum']}")
-    if not 0 <= filled["weight_decay"] < float("inf"):
-        raise UserError(f"--weight-decay must be a finite number >= 0, got "
-                        f"{filled['weight_decay']}")
-
-
 def plan(config: TrainConfig, catalog: Catalog | None = None) -> Plan:
     """Check every name and value, and fill the defaults, before anything slow happens."""
     from ..inference.predict import resolve_precision
@@ -375,6 +322,7 @@ def plan(config: TrainConfig, catalog: Catalog | None = None) -> Plan:
         raise UserError(f"--threads must be at least 1, got {config.threads}")
     attack, attack_options, adv_ratio, adv_per_batch = adversarial_training(catalog, config)
     check_regularizers(config)
+    check_evaluation(config)
     from .finetune import check as check_finetune  # it imports torch: not at --help
 
     check_finetune(config.freeze, config.lr_backbone)

@@ -293,12 +293,12 @@ def train(plan: Plan, data: ImageData, setup: Setup | None = None,
             if evaluated:
                 test_loss, test_acc, _ = inference.evaluate(model, data.test_images,
                                                             data.test_labels, device,
-                                                            cfg.precision)
+                                                            cfg.precision, cfg.tta)
                 metrics.add(step, {"test/loss": test_loss, "test/acc": test_acc})
                 if split.val_images is not None:
                     val_loss, val_acc, _ = inference.evaluate(model, split.val_images,
                                                               split.val_labels, device,
-                                                              cfg.precision)
+                                                              cfg.precision, cfg.tta)
                     metrics.add(step, {"val/loss": val_loss, "val/acc": val_acc})
             if evaluated or step % FLUSH_EVERY == 0:
                 stopped = flush()

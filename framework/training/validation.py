@@ -16,10 +16,6 @@ from torch import Tensor
 
 from ..errors import UserError
 
-# What a run measures at every evaluation, so what --monitor may follow.
-MONITORS = ("val/acc", "val/loss", "test/acc", "test/loss")
-
-
 def minimizes(metric: str) -> bool:
     """Loss-like metrics improve downwards."""
     return metric.endswith("loss")
