@@ -50,7 +50,18 @@ def requirements_for(model: nn.Module, extra: tuple[str, ...] = ()) -> list[str]
 @functools.cache
 def _distributions() -> Mapping[str, list[str]]:
     """Top-level module -> its distributions; once per process (a second per call: a sweep's
-    worker would pay it for every trial)."""
+    worker would pay it for every trial). MLflow builds the same map when it logs a model (to
+    check the pinned requirements against what is installed): its map is used, so the
+    installed packages are scanned once, not twice (1.5 s of a short run)."""
+    try:
+        from mlflow.utils import requirements_utils
+
+        requirements_utils._init_modules_to_packages_map()
+        found = requirements_utils._MODULES_TO_PACKAGES
+        if isinstance(found, dict):
+            return found
+    except (ImportError, AttributeError):  # another MLflow: scan here
+        pass
     return importlib.metadata.packages_distributions()
 
 
