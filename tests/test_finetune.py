@@ -7,23 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from cifarx import Architecture, UserError, hookimpl
+from cifarx import UserError
 from cifarx.testing import run_cli
 from cifarx.training import finetune
 from cifarx.training.config import TrainConfig, plan
 from cifarx.training.loop import assemble, train
 
-
-class Small:
-    """A conv, a BatchNorm and a linear head."""
-
-    @hookimpl
-    def register_architectures(self, register):
-        def build(num_classes=10, in_channels=3, image_size=32):
-            return nn.Sequential(nn.Conv2d(in_channels, 4, 3, stride=4), nn.BatchNorm2d(4),
-                                 nn.ReLU(), nn.Flatten(),
-                                 nn.Linear(4 * ((image_size - 3) // 4 + 1) ** 2, num_classes))
-        register(Architecture(name="small", build=build))
+from test_regularizers import Small  # a conv, a BatchNorm and a linear head
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..errors import UserError
 from ..tracking.common import DEFAULT_EXPERIMENT
 from .common import (MODEL_HELP, AttackOpt, DataDir, DatasetOpt, Description, Device, Experiment,
                      ModelDataset, RunName, Seed, SystemMetrics, Tag, Threads, TrackingUri,
@@ -78,13 +79,23 @@ def attack(
     from .console import duration, err, image_table, out
 
     if robust_accuracy:  # its default attack is autoattack, not ifgsm (which is unbounded)
-        chosen = getattr(ctx.get_parameter_source("attack_name"), "name", "DEFAULT") \
-            != "DEFAULT" if ctx is not None else True
-        return _robust_accuracy(model, attack_name if chosen else "autoattack", eps, attack_opt,
-                                per_class, all_test, count,
-                                batch_size, dataset, dataset_opt, data_dir, device, seed,
-                                threads, experiment, run_name, tracking_uri, description, tag,
-                                system_metrics, trust_pickle)
+        if per_class is not None or all_test:
+            raise UserError("--robust-accuracy takes the first --count test images; drop "
+                            + ("--per-class" if per_class is not None else "--all-test"))
+        chosen = ctx is None or getattr(ctx.get_parameter_source("attack_name"), "name",
+                                        "DEFAULT") != "DEFAULT"
+        _threads(threads)
+        return _robust_accuracy(runs.RobustnessConfig(
+            model=model, attack=attack_name if chosen else "autoattack",
+            eps=tuple(t.strip() for t in (eps or "0,1/255,2/255,4/255,8/255").split(",")
+                      if t.strip()),
+            attack_options=tuple(attack_opt or ()), count=count or 500,
+            batch_size=min(batch_size, 250), dataset=dataset,
+            data_dir=str(data_dir) if data_dir else None,
+            dataset_options=tuple(dataset_opt or ()), device=device, seed=seed,
+            trust_pickle=trust_pickle),
+            _tracking(tracking_uri, experiment, run_name, description, tag, system_metrics),
+            tracking_uri)
     given = {"eps": eps, "confidence": confidence, "max_steps": max_steps, "alpha": alpha,
              "steps": steps, "target": target}
     texts = tuple(f"{name}={value}" for name, value in given.items() if value is not None)
@@ -153,32 +164,14 @@ def transfer(
     _open_hint(tracking_uri, done.experiment_id, done.run_id)
 
 
-def _robust_accuracy(model, attack_name, eps, attack_opt, per_class, all_test, count,
-                     batch_size, dataset, dataset_opt, data_dir, device, seed, threads,
-                     experiment, run_name, tracking_uri, description, tag, system_metrics,
-                     trust_pickle):
+def _robust_accuracy(config, tracking, tracking_uri):
     """``cifarx attack --robust-accuracy``: the robust accuracy at each --eps."""
     from .. import runs
-    from ..errors import UserError
     from .console import err, out
-
-    if per_class is not None or all_test:
-        raise UserError("--robust-accuracy takes the first --count test images; drop "
-                        + ("--per-class" if per_class is not None else "--all-test"))
-    _threads(threads)
-    config = runs.RobustnessConfig(
-        model=model, attack=attack_name,
-        eps=tuple(t.strip() for t in (eps or "0,1/255,2/255,4/255,8/255").split(",")
-                  if t.strip()),
-        attack_options=tuple(attack_opt or ()), count=count or 500,
-        batch_size=min(batch_size, 250), dataset=dataset,
-        data_dir=str(data_dir) if data_dir else None, dataset_options=tuple(dataset_opt or ()),
-        device=device, seed=seed, trust_pickle=trust_pickle)
 
     def heard(text: str, acc: float, seconds: float):
         err.print(f"eps {text}: robust accuracy {acc:.1%} ({seconds:.0f} s)", highlight=False)
 
-    tracking = _tracking(tracking_uri, experiment, run_name, description, tag, system_metrics)
     done = runs.robustness_run(config, tracking, plugins_catalog(), heard)
     out.print(f"[bold]{config.attack}[/]: clean accuracy {done.clean_acc:.1%}; robust "
               + ", ".join(f"{c['robust_acc']:.1%} at {c['text']}" for c in done.curve)
