@@ -84,6 +84,10 @@ def train(
         help="Test-time augmentation at each evaluation: none, flip (the image and its mirror "
              "averaged) or flip-translate (also shifted a pixel; as the speed records).")
     ] = "none",
+    ema: Annotated[Optional[float], typer.Option(
+        help="Weight averaging: keep an exponential moving average of the weights (and the "
+             "BatchNorm statistics) with this decay per iteration, in (0, 1); evaluations use "
+             "it and it is the model logged.", show_default=False)] = None,
     label_smoothing: Annotated[float, typer.Option(
         help="Label smoothing of the cross-entropy, in [0, 1]: the true class's target is "
              "1 - s + s/classes, every other class's s/classes.")] = 0.0,
@@ -167,7 +171,8 @@ def train(
         attack_options=tuple(attack_opt or ()), adv_data=parse_list(",".join(adv_data or [])),
         label_smoothing=label_smoothing, l1=l1, clip_grad=clip_grad, val_split=val_split,
         early_stop=early_stop, monitor=monitor, keep=keep, checkpoint_every=checkpoint_every,
-        init_from=init_from, freeze=parse_list(freeze or ""), lr_backbone=lr_backbone, tta=tta)
+        init_from=init_from, freeze=parse_list(freeze or ""), lr_backbone=lr_backbone, tta=tta,
+        ema=ema)
     # Every check, the data and the model first: bad input opens no run.
     found = plugins_catalog()
     analyses = None

@@ -110,8 +110,9 @@ def show(value: Any) -> str:
 
 
 def brief(value: Any) -> str:
-    """A value for people to read: ``8/255`` for a multiple of 1/255, else short."""
-    if isinstance(value, float) and not value.is_integer() and \
+    """A value for people to read: ``8/255`` for a multiple of 1/255 (unless its decimal is as
+    short: ``0.4``, not ``102/255``), else short."""
+    if isinstance(value, float) and not value.is_integer() and len(f"{value:g}") > 4 and \
             abs(value * 255 - round(value * 255)) < 1e-9:
         return f"{round(value * 255)}/255"
     return f"{value:g}" if isinstance(value, float) else show(value)

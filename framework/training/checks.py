@@ -19,6 +19,8 @@ TTA = ("none", "flip", "flip-translate")  # --tta (see cifarx.inference.predict.
 def check_evaluation(config: "TrainConfig"):
     if config.tta not in TTA:
         raise UserError(f"--tta {config.tta}: accepted: {', '.join(TTA)}")
+    if config.ema is not None and not 0 < config.ema < 1:
+        raise UserError(f"--ema must be a decay in (0, 1), such as 0.99, got {config.ema}")
 
 
 def check_regularizers(config: "TrainConfig"):

@@ -84,6 +84,7 @@ class TrainConfig:
     freeze: tuple[str, ...] = ()  # parameters that do not train: "backbone", glob patterns
     lr_backbone: float | None = None  # the learning rate of all but the head (fine-tuning)
     tta: str = "none"  # test-time views averaged at each evaluation (inference.predict.TTA)
+    ema: float | None = None  # evaluate and keep an exponential moving average of the weights
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,8 @@ class Plan:
             flat["adv_data"] = ",".join(self.config.adv_data)
         else:
             del flat["adv_data"]
-        for key in ("clip_grad", "val_split", "early_stop", "init_from", "lr_backbone"):
+        for key in ("clip_grad", "val_split", "early_stop", "init_from", "lr_backbone",
+                    "ema"):
             if flat[key] is None:
                 del flat[key]
         flat["freeze"] = ",".join(flat["freeze"])

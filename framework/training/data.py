@@ -107,6 +107,7 @@ class BatchSampler:
     """Random batches without replacement: a fresh permutation for each pass over the data.
 
     The tail of a pass that does not fill a batch is skipped, so every batch has the same size.
+    ``epoch`` counts the passes begun (0 during the first).
     """
 
     def __init__(self, n: int, batch_size: int, generator: torch.Generator, device: torch.device):
@@ -115,21 +116,25 @@ class BatchSampler:
         self.n, self.batch_size, self.generator, self.device = n, batch_size, generator, device
         self._order: Tensor | None = None
         self._next = n  # forces a permutation on the first call
+        self.epoch = -1
 
     def __call__(self) -> Tensor:
         if self._next + self.batch_size > self.n:
             self._order = torch.randperm(self.n, generator=self.generator, device=self.device)
             self._next = 0
+            self.epoch += 1
         batch = self._order[self._next:self._next + self.batch_size]
         self._next += self.batch_size
         return batch
 
     def state(self) -> dict:
         """Where it is in the current pass (for a checkpoint)."""
-        return {"order": self._order, "next": self._next}
+        return {"order": self._order, "next": self._next, "epoch": self.epoch}
 
     def restore(self, state: dict):
         self._order, self._next = state["order"], state["next"]
+        # a checkpoint from before epochs were counted: as many passes as batches drawn allow
+        self.epoch = state.get("epoch", 0)
 
 
 class TrainingImages:

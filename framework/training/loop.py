@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import Diverged, Terminated
+from ..errors import Terminated
 from ..inference import adversarial, predict as inference, transfer
 from ..plugin_api.options import OptionError, flag_label, reword
 from ..plugin_api.types import AttackResult, ImageData
@@ -46,9 +46,11 @@ from . import finetune, validation
 from .config import OPTION_FLAGS, Plan
 from .data import BatchSampler, TrainingImages
 from .model import Classifier
-from .optim import lr_factor, make_optimizer
+from .guards import OnSigterm, diverged
+from .optim import l1_weights, lr_factor, make_optimizer
 
 FLUSH_EVERY = 25  # steps between metric transfers to the host
+DATA_INIT_IMAGES = 5000  # the images init_from_data sees (airbench's whitening: its records')
 ADV_TRIAL = 2  # training images an --adv-train attack is tried on before the run opens
 
 # Called at each flush with the new points: (key, value, step, timestamp in ms).
@@ -85,6 +87,7 @@ class Setup:
     adv_images: Tensor | None = None  # float32 pixels in [0, 1], on the CPU
     adv_labels: Tensor | None = None
     adv_test_images: int = 0  # the distinct test images the --adv-data sets were made from
+    averaged: nn.Module | None = None  # --ema: an AveragedModel of ``model``
 
 
 @dataclass
@@ -125,19 +128,21 @@ def assemble(plan: Plan, data: ImageData, tracking_uri: str | None = None) -> Se
     net = plugin_call("architecture", None, plan.arch_options, functools.partial(
         plan.arch.build, num_classes=len(data.classes), in_channels=image_shape[0],
         image_size=image_shape[1]))
-    if cfg.init_from:
-        finetune.init_from(net, cfg.init_from, tracking_uri)
-    finetune.apply(net, cfg.freeze)
     normalize = plan.pipeline.normalize
     model = Classifier(plugin_call("augmentation", normalize.name,
                                    plan.pipeline.options[normalize.name], normalize.fit,
                                    split.train_images), net, data.classes)
     model = model.to(plan.device)
+    init_from_data(model, split.train_images, plan.device)
+    if cfg.init_from:
+        finetune.init_from(net, cfg.init_from, tracking_uri)
+    finetune.apply(net, cfg.freeze)
     if inference.CHANNELS_LAST:
         model = model.to(memory_format=torch.channels_last)
+    averaged = averaging(model, cfg.ema)  # copied before the probes hook into the model
     probes = [plugin_call("probe", probe.name, plan.probe_options[probe.name], probe.attach,
                           model.net) for probe in plan.probes]
-    setup = Setup(model, probes, split)
+    setup = Setup(model, probes, split, averaged=averaged)
     if plan.attack is not None:
         trial = data.train_images[:ADV_TRIAL].to(plan.device).float().div_(255)
         setup.attack = adversarial.check_training_attack(
@@ -147,6 +152,26 @@ def assemble(plan: Plan, data: ImageData, tracking_uri: str | None = None) -> Se
         setup.adv_images, setup.adv_labels, setup.adv_test_images = \
             transfer.training_sets(cfg.adv_data, tracking_uri, data.classes, image_shape)
     return setup
+
+
+def positional(apply: Callable) -> bool:
+    """Whether an augmentation takes ``indices`` (the batch's images' positions in the
+    training set) and ``epoch`` (the pass over it): the alternating flip does."""
+    import inspect
+
+    return "indices" in inspect.signature(apply).parameters
+
+
+def init_from_data(model: Classifier, train_images: Tensor, device: torch.device):
+    """Data-dependent initialization: each module of the network with an ``init_from_data``
+    method (airbench's whitening layer) receives the first ``DATA_INIT_IMAGES`` training
+    images, normalized as the network sees them, before training (and before ``--init-from``
+    weights, which win)."""
+    takers = [m for m in model.net.modules() if callable(getattr(m, "init_from_data", None))]
+    if takers:
+        images = model.normalize(train_images[:DATA_INIT_IMAGES].to(device).float().div(255))
+        for module in takers:
+            module.init_from_data(images)
 
 
 @dataclass
@@ -182,6 +207,8 @@ def train(plan: Plan, data: ImageData, setup: Setup | None = None,
     groups = finetune.param_groups(model, cfg.lr, cfg.lr_backbone)
     optimizer = make_optimizer(cfg.optimizer, groups, cfg.lr, cfg.momentum, cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.schedule, cfg.iters))
+    averaged = setup.averaged
+    evaluated_model = averaged.module if averaged is not None else model  # what is evaluated
 
     def emit(points: list[Point]):
         for listener in listeners:
@@ -197,8 +224,10 @@ def train(plan: Plan, data: ImageData, setup: Setup | None = None,
     attack, k = setup.attack, plan.adv_per_batch
     generator = torch.Generator(device).manual_seed(cfg.seed)
     next_batch = BatchSampler(len(train_set), cfg.batch_size, generator, device)
-    pixel_augs = [(a.apply, plan.pipeline.options[a.name]) for a in plan.pipeline.pixels]
-    normalized_augs = [(a.apply, plan.pipeline.options[a.name]) for a in plan.pipeline.normalized]
+    pixel_augs = [(a.apply, plan.pipeline.options[a.name], positional(a.apply))
+                  for a in plan.pipeline.pixels]
+    normalized_augs = [(a.apply, plan.pipeline.options[a.name], positional(a.apply))
+                       for a in plan.pipeline.normalized]
     mix_augs = [(a.apply, plan.pipeline.options[a.name]) for a in plan.pipeline.mix]
 
     start = time.perf_counter()
@@ -213,6 +242,7 @@ def train(plan: Plan, data: ImageData, setup: Setup | None = None,
         that ``torch.load(weights_only=True)`` reads)."""
         return {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "schedule": schedule.state_dict(), "generator": generator.get_state(),
+                "averaged": averaged.state_dict() if averaged is not None else None,
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
                 "sampler": next_batch.state(), "history": metrics.history,
@@ -226,6 +256,8 @@ def train(plan: Plan, data: ImageData, setup: Setup | None = None,
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
+        if averaged is not None:
+            averaged.load_state_dict(state["averaged"])
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"]:
@@ -239,7 +271,7 @@ def train(plan: Plan, data: ImageData, setup: Setup | None = None,
         if selection is not None:
             selection.restore(state["selection"])
         best_state = state["best_state"]
-    terminate = _on_sigterm() if checkpointing is not None else None
+    terminate = OnSigterm() if checkpointing is not None else None
 
     def flush() -> Stop | None:
         try:
@@ -250,15 +282,17 @@ def train(plan: Plan, data: ImageData, setup: Setup | None = None,
 
     try:
         for step in range(first + 1, cfg.iters + 1):
-            x, y = train_set.batch(next_batch())
-            for apply, values in pixel_augs:
-                x = apply(x, generator, **values)
+            indices = next_batch()
+            x, y = train_set.batch(indices)
+            where = {"indices": indices, "epoch": next_batch.epoch}
+            for apply, values, wants in pixel_augs:
+                x = apply(x, generator, **values, **(where if wants else {}))
             if attack is not None:  # the adversarial images then take the clean ones' path
                 adv, fooled = adversarial.perturb(model, attack, x[:k], y[:k], generator)
                 x = torch.cat([adv, x[k:]])
             x = model.normalize(x)
-            for apply, values in normalized_augs:
-                x = apply(x, generator, **values)
+            for apply, values, wants in normalized_augs:
+                x = apply(x, generator, **values, **(where if wants else {}))
             targets = y  # class indices, or soft labels once a "mix" augmentation ran
             if mix_augs:
                 targets = F.one_hot(y, len(data.classes)).float()
@@ -287,16 +321,18 @@ def train(plan: Plan, data: ImageData, setup: Setup | None = None,
                                                                      cfg.clip_grad)
             optimizer.step()
             schedule.step()
+            if averaged is not None:
+                averaged.update_parameters(model)
             metrics.add(step, values)
 
             evaluated = step % cfg.eval_every == 0 or step == cfg.iters
             if evaluated:
-                test_loss, test_acc, _ = inference.evaluate(model, data.test_images,
+                test_loss, test_acc, _ = inference.evaluate(evaluated_model, data.test_images,
                                                             data.test_labels, device,
                                                             cfg.precision, cfg.tta)
                 metrics.add(step, {"test/loss": test_loss, "test/acc": test_acc})
                 if split.val_images is not None:
-                    val_loss, val_acc, _ = inference.evaluate(model, split.val_images,
+                    val_loss, val_acc, _ = inference.evaluate(evaluated_model, split.val_images,
                                                               split.val_labels, device,
                                                               cfg.precision, cfg.tta)
                     metrics.add(step, {"val/loss": val_loss, "val/acc": val_acc})
@@ -310,7 +346,8 @@ def train(plan: Plan, data: ImageData, setup: Setup | None = None,
                 if evaluated and selection is not None:
                     if selection.update(step, metrics.history[cfg.monitor][-1][1]) \
                             and cfg.keep == "best":
-                        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                        best_state = {k: v.detach().clone()
+                                      for k, v in evaluated_model.state_dict().items()}
                     if stopped is None and selection.exhausted:
                         stopped = EarlyStop(step, f"early stop: {cfg.monitor} did not improve "
                                                   f"for {cfg.early_stop} evaluations after "
@@ -335,52 +372,20 @@ def train(plan: Plan, data: ImageData, setup: Setup | None = None,
     if selection is not None and selection.best_step is not None:
         best = (selection.best_step, selection.best_value)
         if best_state is not None and selection.best_step != step:
-            model.load_state_dict(best_state)
+            evaluated_model.load_state_dict(best_state)
             test_acc = dict(metrics.history["test/acc"])[selection.best_step]
             test_loss = dict(metrics.history["test/loss"])[selection.best_step]
-    return Result(model=model, history=metrics.history, test_acc=test_acc, test_loss=test_loss,
+    return Result(model=evaluated_model, history=metrics.history, test_acc=test_acc, test_loss=test_loss,
                   seconds=seconds, images_per_second=step * cfg.batch_size / seconds
                   if seconds else 0.0,
                   steps=step, stopped=stopped, best=best)
 
 
-class _on_sigterm:
-    """While training with checkpoints, SIGTERM only sets a flag: the loop finishes the step
-    under way, saves a checkpoint and raises Terminated (a state saved mid-step would not
-    resume exactly). Outside the main thread (where signals cannot be handled) it never
-    fires."""
+def averaging(model: Classifier, decay: float | None):
+    """``--ema``: a copy of the model whose weights and BatchNorm statistics follow
+    ``ema = decay * ema + (1 - decay) * weights`` after each step (the first step copies)."""
+    if decay is None:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-    def __init__(self):
-        import signal
-        import threading
-
-        self._fired = threading.Event()
-        self._previous = None
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, lambda *_: self._fired.set())
-
-    def is_set(self) -> bool:
-        return self._fired.is_set()
-
-    def restore(self):
-        import signal
-
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
-def l1_weights(net: nn.Module) -> list[Tensor]:
-    """What ``--l1`` penalizes: the weights of the convolutions and linear layers (not their
-    biases, nor the normalization layers' scales and shifts), as is usual."""
-    return [m.weight for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
-            and m.weight.requires_grad]
-
-
-def diverged(plan: Plan, step: int, value: float, history) -> Diverged:
-    cfg = plan.config
-    advice = "a lower --lr" + (", another --arch-opt init" if "init" in plan.arch_options else "")
-    error = Diverged(f"training diverged: train/loss is {value} at iteration {step} of "
-                     f"{cfg.iters} ({cfg.arch}, lr {cfg.lr:g}); try {advice}, or an architecture "
-                     "with normalization or skip connections", step, value)
-    error.history = history
-    return error
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
