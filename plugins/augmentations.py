@@ -67,19 +67,37 @@ def fit_raw(train_images: Tensor) -> nn.Module:
     return Scale(255.0)
 
 
-def random_flip(images: Tensor, generator: torch.Generator, p: float = 0.5) -> Tensor:
-    """Mirror each image left-right with probability ``p``."""
-    flip = torch.rand(images.shape[0], 1, 1, 1, generator=generator, device=images.device) < p
+def random_flip(images: Tensor, generator: torch.Generator, p: float = 0.5,
+                alternate: bool = False, indices: Tensor | None = None, epoch: int = 0) -> Tensor:
+    """Mirror each image left-right with probability ``p``.
+
+    ``alternate`` (the speed records' alternating flip): in the first epoch an image is
+    mirrored with probability ``p``, then in every later epoch exactly when it was not in the
+    one before, so that each image is seen both ways in any two epochs in a row. Which images
+    start mirrored is a fixed hash of their position in the training set (``indices``).
+    """
+    if alternate and indices is not None:
+        start = (indices * 2654435761 % 2 ** 32).float() / 2 ** 32 < p  # Knuth's hash
+        flip = (start ^ bool(epoch % 2)).view(-1, 1, 1, 1)
+    else:
+        flip = torch.rand(images.shape[0], 1, 1, 1, generator=generator,
+                          device=images.device) < p
     return torch.where(flip, images.flip(-1), images)
 
 
-def random_crop(images: Tensor, generator: torch.Generator, pad: int = 4) -> Tensor:
-    """Zero-pad ``pad`` pixels on each side, then cut a random window of the original size.
+def random_crop(images: Tensor, generator: torch.Generator, pad: int = 4,
+                padding: str = "zeros") -> Tensor:
+    """Pad ``pad`` pixels on each side, then cut a random window of the original size.
 
-    It runs after normalization, where zero is the channel mean (or black, with ``raw``).
+    It runs after normalization, where zero is the channel mean (or black, with ``raw``);
+    ``padding="reflection"`` mirrors the edge instead (the speed records' translate by 2).
     """
     n, c, h, w = images.shape
-    padded = F.pad(images, (pad, pad, pad, pad))
+    if padding == "reflection" and pad >= min(h, w):
+        raise ValueError(f"crop: reflection padding of {pad} needs images larger than {pad} "
+                         f"pixels, got {h}x{w}")
+    padded = F.pad(images, (pad, pad, pad, pad), mode="reflect" if padding == "reflection"
+                   else "constant")
     windows = padded.unfold(2, h, 1).unfold(3, w, 1)  # every window: (n, c, 2p+1, 2p+1, h, w), a view
     dy, dx = torch.randint(0, 2 * pad + 1, (2, n), generator=generator, device=images.device)
     # One gather of whole windows: twice as fast as indexing rows and columns separately.
@@ -388,12 +406,17 @@ def register_augmentations(register):
                                   "the default"))
     register(Augmentation(
         name="flip", stage="pixels", apply=random_flip,
-        options={"p": Option(0.5, float, range="[0, 1]", help="probability of a flip")},
+        options={"p": Option(0.5, float, range="[0, 1]", help="probability of a flip"),
+                 "alternate": Option(False, bool, help="each image mirrored in every other "
+                                                        "epoch (in the first with probability p)")},
         summary="random horizontal flip, p=0.5, before normalization"))
     register(Augmentation(
         name="crop", stage="normalized", apply=random_crop,
-        options={"pad": Option(4, int, range="[0, 16]", help="zero padding on each side")},
-        summary="zero-pad (pad=4 px) after normalization, random crop of the original size"))
+        options={"pad": Option(4, int, range="[0, 16]", help="padding on each side"),
+                 "padding": Option("zeros", choices=("zeros", "reflection"),
+                                   help="what pads: zeros (the mean colour) or the mirrored "
+                                        "edge")},
+        summary="pad (pad=4 px, zeros) after normalization, random crop of the original size"))
 
     # Geometric, colour and noise augmentations work on pixels in [0, 1]; erasing after the
     # normalization, where zero is the mean colour; mixup and cutmix last, on images and labels.
