@@ -22,14 +22,20 @@ def interrupt_at(step):
     return listen
 
 
-def test_a_resumed_run_ends_exactly_where_an_uninterrupted_one_does(data_dir, tracking_uri):
-    whole = train_run(config(data_dir), Tracking(tracking_uri, "ckpt", "whole",
-                                                 system_metrics=False))
-    tracking = Tracking(tracking_uri, "ckpt", "cut", system_metrics=False)
+@pytest.mark.parametrize("experiment, extra", [
+    ("ckpt", {}),
+    # the weight average and the alternating flip's epoch are part of the state too
+    ("ckpt-ema", {"ema": 0.9, "aug_options": ("flip.alternate=true",)}),
+])
+def test_a_resumed_run_ends_exactly_where_an_uninterrupted_one_does(data_dir, tracking_uri,
+                                                                    experiment, extra):
+    whole = train_run(config(data_dir, **extra), Tracking(tracking_uri, experiment, "whole",
+                                                          system_metrics=False))
+    tracking = Tracking(tracking_uri, experiment, "cut", system_metrics=False)
     with pytest.raises(KeyboardInterrupt):
-        train_run(config(data_dir), tracking, [interrupt_at(25)])
+        train_run(config(data_dir, **extra), tracking, [interrupt_at(25)])
     client = MlflowClient(tracking_uri)
-    (cut,) = client.search_runs([client.get_experiment_by_name("ckpt").experiment_id],
+    (cut,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id],
                                 filter_string="attributes.run_name = 'cut'")
     assert cut.info.status == "KILLED"
     assert CHECKPOINT in {a.path for a in client.list_artifacts(cut.info.run_id, "checkpoints")}
