@@ -83,10 +83,14 @@ def run_once(config: cfg.TrainConfig, data) -> dict:
             "train_seconds": result.seconds, "images_per_second": result.images_per_second}
 
 
-def from_sweep(run_id: str, tracking_uri: str, iters: int) -> dict:
+def from_sweep(run_id: str, tracking_uri: str, iters: int, data) -> dict:
     """The recipe's rows from a `cifarx sweep studies/cifar10-94.toml` run: each finished
-    trial's final test accuracy and its training loop's time (final.json)."""
+    trial's final test accuracy, its training loop's time (final.json), and its logged model's
+    accuracy without the test-time views."""
     from mlflow import MlflowClient
+
+    from cifarx.inference.predict import evaluate
+    from cifarx.tracking.models import load_model
 
     client = MlflowClient(tracking_uri)
     sweep = client.get_run(run_id)
@@ -98,8 +102,11 @@ def from_sweep(run_id: str, tracking_uri: str, iters: int) -> dict:
             continue
         final = client.download_artifacts(trial.info.run_id, "final.json")
         timings = json.loads(Path(final).read_text())
+        model = load_model(f"runs:/{trial.info.run_id}/model", tracking_uri)
+        _, plain, _ = evaluate(model, data.test_images, data.test_labels, torch.device("cpu"),
+                               trial.data.params["precision"], "none")
         rows[f"recipe/{iters}/{trial.data.params['seed']}"] = {
-            "test_acc": trial.data.metrics["final/test_acc"],
+            "test_acc": trial.data.metrics["final/test_acc"], "test_acc_no_tta": float(plain),
             "seconds": timings["final/train_seconds"],
             "train_seconds": timings["final/train_seconds"],
             "images_per_second": timings["final/images_per_second"], "sweep": run_id}
@@ -177,11 +184,11 @@ def main():
         parser.error(f"unknown variant {sorted(unknown)[0]}; accepted: {', '.join(table)}")
     out = Path(args.out)
     done = json.loads(out.read_text()) if out.exists() else {}
-    if args.from_sweep:
-        done.update(from_sweep(args.from_sweep, args.tracking_uri, base.iters))
-        out.write_text(json.dumps(done, indent=1))
     plan = cfg.plan(base)
     data = plan.load_data()
+    if args.from_sweep:
+        done.update(from_sweep(args.from_sweep, args.tracking_uri, base.iters, data))
+        out.write_text(json.dumps(done, indent=1))
 
     budgets = [int(b) for b in args.budgets.split(",")]
     jobs = [("recipe", iters, seed) for iters in budgets for seed in range(args.seeds)]
@@ -216,7 +223,8 @@ def report(done: dict, base: cfg.TrainConfig, data):
         speed = summary([r["images_per_second"] for r in rows])[0]
         plain = [r["test_acc_no_tta"] for r in rows if "test_acc_no_tta" in r]
         plain_text = f"{summary(plain)[0]:>8.2%}" if plain else f"{'':>8}"
-        print(f"{name:<14}{iters:>6}{len(rows):>3}{mean:>12.2%} ± {half:>6.2%}{plain_text}"
+        interval = f"± {half:>6.2%}" if half == half else f"{'(n=1)':>8}"
+        print(f"{name:<14}{iters:>6}{len(rows):>3}{mean:>12.2%} {interval}{plain_text}"
               f"{seconds:>9.0f}{seconds / recipe_seconds:>9.2f}{speed:>7.0f}")
     for target in TARGETS:
         reached = [(iters, rows) for (name, iters), rows in groups.items()
