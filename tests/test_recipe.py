@@ -226,3 +226,9 @@ def test_the_loop_tells_positional_augmentations_each_batch_and_epoch(data_dir, 
     assert [epoch for _, epoch in Recorder.seen] == [i // n for i in range(10)]
     first_pass = sum((indices for indices, _ in Recorder.seen[:n]), [])
     assert sorted(first_pass) == list(range(n * 50))  # a permutation of the images
+
+
+def test_describe_names_the_architectures_own_training_defaults():
+    out = run_cli("describe", "architecture", "airbench")
+    assert out.exit_code == 0, out.output
+    assert "trains by default with --optimizer muon, --lr 0.24" in out.output

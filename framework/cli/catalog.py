@@ -113,3 +113,9 @@ def describe_architecture(found, arch, dataset, image_size, channels, num_classe
     for row in layer_rows(net, (channels, size, size)):
         table.add_row(row.name, row.kind, " x ".join(map(str, row.output_shape)), f"{row.params:,}")
     out.print(table)
+    if arch.defaults:  # what `cifarx train --arch NAME` uses unless the flags say otherwise
+        from ..plugin_api.options import brief
+
+        out.print("trains by default with " + ", ".join(
+            f"--{key.replace('_', '-')} {brief(value)}" for key, value in arch.defaults.items()),
+            soft_wrap=True)

@@ -4,7 +4,7 @@ Muon (Jordan et al., 2024) replaces a weight matrix's momentum step by the neare
 matrix, found with a few Newton-Schulz iterations: every direction of the filter bank moves by
 the same amount, whatever the gradient's scale. Why not ``torch.optim.Muon``: torch's (2.9+)
 takes only 2-D matrices and refuses 4-D filters, and no maintained package on the registry
-handles them; the ~40 lines below follow the published algorithm and coefficients.
+handles them; the code below follows the published algorithm and coefficients.
 
 A 4-D filter bank (out, in, kh, kw) is treated as the matrix (out, in*kh*kw). Before each step
 its norm is reset to sqrt(out): the filters of a net with BatchNorm after each convolution are
