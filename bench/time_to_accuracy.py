@@ -138,15 +138,12 @@ def train_flops_per_image(config: cfg.TrainConfig, data, batch: int = 64) -> flo
 
 
 def summary(values: list[float]) -> tuple[float, float, float]:
-    """Mean and the Student-t 95% interval's half-width (nan for one value)."""
-    from scipy import stats
+    """Mean, sd and the Student-t 95% interval's half-width (nan for one value), as sweeps
+    compute them."""
+    from cifarx.studies.stats import _describe
 
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, math.nan, math.nan
-    std = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
-    return mean, std, float(stats.t.ppf(0.975, n - 1)) * std / n ** 0.5
+    d = _describe(values, 0.95)
+    return d["mean"], d["std"], (d["ci_high"] - d["ci_low"]) / 2
 
 
 def above(values: list[float], target: float) -> float:
