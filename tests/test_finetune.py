@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from cifarx import UserError
+from cifarx.runs import Tracking
 from cifarx.testing import run_cli
 from cifarx.training import finetune
 from cifarx.training.config import TrainConfig, plan
@@ -116,6 +117,8 @@ def test_init_from_a_trained_model_then_another_number_of_classes(small, data_di
     (["--freeze", "backbone,4.*"], "freezes every parameter: nothing would train"),
     (["--lr-backbone", "-1"], "--lr-backbone must be >= 0"),
     (["--init-from", "runs:/0123456789abcdef0123456789abcdef/model"], "--init-from runs:/"),
+    (["--classes", "lion,cat"], "--classes: no class 'lion'; accepted: airplane, automobile"),
+    (["--classes", "cat"], "--classes: name at least two classes, got 1"),
 ])
 def test_bad_transfer_flags_are_one_line_and_open_no_run(small, data_dir, tmp_path, flags,
                                                          message):
@@ -127,3 +130,54 @@ def test_bad_transfer_flags_are_one_line_and_open_no_run(small, data_dir, tmp_pa
     client = mlflow.MlflowClient(uri)
     found = client.get_experiment_by_name("cifarx")
     assert found is None or not client.search_runs([found.experiment_id])
+
+
+def test_only_classes_keeps_their_images_relabelled_in_order():
+    from cifarx import ImageData
+    from cifarx.training.data import only_classes
+
+    images = torch.arange(8, dtype=torch.uint8).view(8, 1, 1, 1).expand(8, 3, 2, 2).contiguous()
+    labels = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    data = ImageData(images, labels, images[:4], labels[:4], ("a", "b", "c", "d"), "here")
+    task = only_classes(data, ("d", "1"))  # a name and a number; the order given is the labels'
+    assert task.classes == ("d", "b")
+    assert task.train_images[:, 0, 0, 0].tolist() == [1, 3, 5, 7]
+    assert task.train_labels.tolist() == [1, 0, 1, 0]
+    assert task.test_labels.tolist() == [1, 0] and task.source == "here"
+    with pytest.raises(UserError, match=r"--classes: no class 'e'; accepted: a, b, c, d \(or "
+                                        r"their numbers 0-3\)"):
+        only_classes(data, ("a", "e"))
+    with pytest.raises(UserError, match="at least two classes, got 1"):
+        only_classes(data, ("a", "0"))
+
+
+def test_a_model_of_some_classes_is_trained_tested_and_transferred(small, data_dir, tmp_path):
+    """--classes: the run trains and tests on those classes only; commands that test the
+    model use those classes' test images; --init-from it onto other classes is a transfer
+    (with another number of classes the head starts fresh)."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    common = ("--arch", "small", "--aug", "", "--data-dir", str(data_dir), "--iters", "3",
+              "--batch-size", "20", "--eval-every", "3", "--threads", "1", "--tracking-uri", uri)
+    result = run_cli("train", *common, "--classes", "cat,dog,3", plugins=[Small()])
+    assert result.exit_code == 0, result.stderr
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("cifarx").experiment_id])
+    assert run.data.params["classes"] == "cat,dog"  # 3 is cat: named once
+    from cifarx.tracking.models import load_model
+
+    model_uri = f"runs:/{run.info.run_id}/model"
+    assert load_model(model_uri, uri).classes == ("cat", "dog")
+    assert run.data.metrics["final/test_acc"] >= 0
+    from cifarx.runs.evaluate import EvaluateConfig, evaluate_run
+
+    report = evaluate_run(EvaluateConfig(model_uri, data_dir=str(data_dir), device="cpu"),
+                          Tracking(uri=uri)).report
+    assert report.classes == ("cat", "dog")
+    assert report.matrix.sum() == 40  # the synthetic test split's 20 cats and 20 dogs
+    result = run_cli("train", *common, "--classes", "airplane,automobile,ship",
+                     "--init-from", model_uri, "--freeze", "backbone", plugins=[Small()])
+    assert result.exit_code == 0, result.stderr
+    newest = client.search_runs([run.info.experiment_id], order_by=["attributes.start_time DESC"],
+                                max_results=1)[0]
+    assert newest.data.params["classes"] == "airplane,automobile,ship"
+    assert int(newest.data.params["trainable_parameters"]) == 4 * 8 * 8 * 3 + 3  # a fresh head

@@ -1,4 +1,5 @@
 import importlib.metadata
+import sys
 
 import mlflow
 import pytest
@@ -58,6 +59,37 @@ def test_requirements_pin_cifarx_and_torch():
     pins = requirements_for(nn.Sequential(nn.Linear(2, 2)))
     assert any(p.startswith("cifarx==") for p in pins)
     assert f"torch=={importlib.metadata.version('torch')}" in pins
+
+
+def test_distribution_scan_is_kept_per_environment(tmp_path, monkeypatch):
+    """The installed distributions are scanned once per environment: again after an install,
+    or when the cache is unreadable; an unwritable cache only costs the scan."""
+    from cifarx.tracking import models
+
+    site = tmp_path / "site"
+    (site / "demo-1.0.dist-info").mkdir(parents=True)
+    monkeypatch.setattr(sys, "path", [str(site)])
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    scans = []
+
+    def scan():
+        scans.append(1)
+        return {"torchgen": ["torch"], "torch": ["torch"], "demo": ["demo"]}
+
+    assert list(models._cached_scan(scan)) == ["torchgen", "torch", "demo"]
+    found = models._cached_scan(scan)
+    assert list(found) == ["torchgen", "torch", "demo"] and found["demo"] == ["demo"]
+    assert len(scans) == 1  # in order, from the cache (MLflow inverts it: order matters)
+    (site / "other-2.0.dist-info").mkdir()  # an install
+    models._cached_scan(scan)
+    assert len(scans) == 2
+    for cached in (tmp_path / "cache" / "cifarx").glob("*.json"):
+        cached.write_text("{")
+    models._cached_scan(scan)
+    assert len(scans) == 3
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))
+    assert models._cached_scan(scan)["torch"] == ["torch"] and len(scans) == 4
 
 
 class Exploding:

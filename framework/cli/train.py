@@ -29,6 +29,10 @@ def train(
     train_split: Annotated[Optional[str], typer.Option(
         help="Training images: one of the dataset's splits (default: its first; cifar10: "
              "batch1, the 10,000 of train batch #1, or all, 50,000).", show_default=False)] = None,
+    classes: Annotated[Optional[str], typer.Option(
+        help="Train and test on these classes only, a comma list of the dataset's class names "
+             "or numbers (cat,dog), relabelled in that order: a task of its own, or the source "
+             "task of a transfer (--init-from).", show_default=False)] = None,
     data_dir: DataDir = None,
     iters: Annotated[int, typer.Option(help="Training iterations.")] = 2000,
     batch_size: Annotated[int, typer.Option(help="Images per iteration.")] = 100,
@@ -172,7 +176,7 @@ def train(
         label_smoothing=label_smoothing, l1=l1, clip_grad=clip_grad, val_split=val_split,
         early_stop=early_stop, monitor=monitor, keep=keep, checkpoint_every=checkpoint_every,
         init_from=init_from, freeze=parse_list(freeze or ""), lr_backbone=lr_backbone, tta=tta,
-        ema=ema)
+        ema=ema, classes=parse_list(classes or ""))
     # Every check, the data and the model first: bad input opens no run.
     found = plugins_catalog()
     analyses = None

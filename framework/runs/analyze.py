@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -28,7 +28,7 @@ class AnalyzeConfig:
     model: str | None = None  # None with ``adversarial``: the model the set was made on
     analyses: tuple[str, ...] = ()
     analysis_options: tuple[str, ...] = ()
-    images: int = analysis.DEFAULT_IMAGES
+    images: int | None = None  # None: DEFAULT_IMAGES, or the whole test split if smaller
     seed: int = 0
     adversarial: str | None = None  # an attack run's id, or a set.pt file
     dataset: str | None = None  # None: the dataset the model was trained on
@@ -56,7 +56,8 @@ def analyze_run(config: AnalyzeConfig, tracking: Tracking = Tracking(),
     each analysis's own check), then one run. ``on_done(name, findings, seconds)`` hears
     each analysis as it ends."""
     catalog = catalog or default_catalog()
-    chosen = analysis.plan(catalog, config.analyses, config.analysis_options, config.images,
+    chosen = analysis.plan(catalog, config.analyses, config.analysis_options,
+                           analysis.DEFAULT_IMAGES if config.images is None else config.images,
                            config.seed, adversarial=config.adversarial is not None)
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
@@ -71,7 +72,9 @@ def analyze_run(config: AnalyzeConfig, tracking: Tracking = Tracking(),
     dataset_name = config.dataset or model_dataset(model_uri, uri)
     dataset, data, values = load_test_data(catalog, dataset_name, config.data_dir,
                                            config.dataset_options)
-    model_classes(model, data)
+    _, data = model_classes(model, data)
+    if config.images is None:
+        chosen = replace(chosen, images=min(chosen.images, len(data.test_labels)))
     if adv_set is not None and (list(adv_set["classes"]) != list(data.classes) or tuple(
             adv_set["images"].shape[1:]) != tuple(data.test_images.shape[1:])):
         raise UserError(f"--adversarial {config.adversarial}: the set's images or classes are "

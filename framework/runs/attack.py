@@ -72,7 +72,7 @@ def attack_run(config: AttackConfig, tracking: Tracking = Tracking(),
     dataset_name = config.dataset or model_dataset(config.model, uri)
     dataset, data, dataset_values = load_test_data(catalog, dataset_name, config.data_dir,
                                                    config.dataset_options)
-    classes = model_classes(model, data)
+    classes, data = model_classes(model, data)
     if values.get("target") is not None:
         values["target"] = adversarial.resolve_target(values["target"], classes,
                                                       label("target"))

@@ -20,7 +20,7 @@ from ..tracking.lifecycle import start_run
 from ..tracking.models import source_run_id
 from ..tracking.run import Run
 from ..training.config import resolve_plugin_options
-from ..training.data import resolve_data_dir
+from ..training.data import only_classes, resolve_data_dir
 
 
 @dataclass(frozen=True)
@@ -92,12 +92,17 @@ def load_test_data(catalog: Catalog, name: str, data_dir: str | None, texts) -> 
     return dataset, data, values
 
 
-def model_classes(model, data: ImageData, flag: str = "--model") -> tuple[str, ...]:
+def model_classes(model, data: ImageData, flag: str = "--model"
+                  ) -> tuple[tuple[str, ...], ImageData]:
+    """The classes ``model`` predicts, and ``data`` with only those: a model trained on some
+    of the dataset's classes (``--classes cat,dog``) is tested on their images."""
     classes = tuple(getattr(model, "classes", data.classes))
+    if len(classes) < len(data.classes) and set(classes) <= set(data.classes):
+        data = only_classes(data, classes, flag)
     if len(classes) != len(data.classes):
         raise UserError(f"{flag}: the model predicts {len(classes)} classes, the dataset has "
                         f"{len(data.classes)}")
-    return classes
+    return classes, data
 
 
 def model_run(model_uri: str, uri: str):

@@ -25,8 +25,8 @@ from ..plugin_api.registry import Catalog, catalog as default_catalog
 from ..tracking.models import load_model
 from ..training.config import resolve_plugin_options
 from ..training.data import resolve_data_dir, resolve_device
-from .common import Tracking, linked, load_test_data, log_test_set, model_dataset, model_run, \
-    run_tags
+from .common import Tracking, linked, load_test_data, log_test_set, model_classes, model_dataset, \
+    model_run, run_tags
 
 CURVE_ARTIFACT = "robust/curve.json"
 TOLERANCE = 1e-5  # float32 rounding at the ball's edge
@@ -93,6 +93,7 @@ def robustness_run(config: RobustnessConfig, tracking: Tracking = Tracking(),
     dataset_name = config.dataset or model_dataset(config.model, uri)
     dataset, data, dataset_values = load_test_data(catalog, dataset_name, config.data_dir,
                                                    config.dataset_options)
+    _, data = model_classes(model, data)
     images = data.test_images[:config.count]
     labels = data.test_labels[:config.count]
     right = predict(model, images, device).argmax(1).cpu() == labels

@@ -114,6 +114,8 @@ def train_run(config: TrainConfig | TrainJob, tracking: Tracking = Tracking(),
             if job.setup.split.val_images is not None:
                 added["val_images"] = len(job.setup.split.val_images)
             added.update(finetune.counts(job.setup.model.net))
+            if cfg.classes:  # by name, as resolved: "3" is cat
+                added["classes"] = ",".join(data.classes)
             run.log_params({**plan.params(), **added, **tracking.params})
             run.log_dataset(f"{plan.dataset.name}-{cfg.train_split}", data.source,
                             data_digest(data.train_images, data.train_labels),

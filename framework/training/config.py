@@ -85,6 +85,7 @@ class TrainConfig:
     lr_backbone: float | None = None  # the learning rate of all but the head (fine-tuning)
     tta: str = "none"  # test-time views averaged at each evaluation (inference.predict.TTA)
     ema: float | None = None  # evaluate and keep an exponential moving average of the weights
+    classes: tuple[str, ...] = ()  # train and test on these classes only (names or numbers)
 
 
 @dataclass(frozen=True)
@@ -177,9 +178,10 @@ class Plan:
                     "ema"):
             if flat[key] is None:
                 del flat[key]
-        flat["freeze"] = ",".join(flat["freeze"])
-        if not flat["freeze"]:
-            del flat["freeze"]
+        for key in ("freeze", "classes"):
+            flat[key] = ",".join(flat[key])
+            if not flat[key]:
+                del flat[key]
         if not self.selects:
             del flat["monitor"], flat["keep"]
         flat["data_dir"] = str(resolve_data_dir(self.config.data_dir))
@@ -188,10 +190,12 @@ class Plan:
         return flat
 
     def load_data(self) -> ImageData:
-        from .data import resolve_data_dir
+        from .data import only_classes, resolve_data_dir
 
         data = self.dataset.load(resolve_data_dir(self.config.data_dir), self.config.train_split,
                                  **self.dataset_options)
+        if self.config.classes:
+            data = only_classes(data, self.config.classes)
         self.check_data(data)
         return data
 
@@ -200,7 +204,8 @@ class Plan:
         from .data import resolve_data_dir
 
         return (self.dataset.name, self.config.train_split,
-                str(resolve_data_dir(self.config.data_dir)), self.config.dataset_options)
+                str(resolve_data_dir(self.config.data_dir)), self.config.dataset_options,
+                self.config.classes)
 
     def check_data(self, data: ImageData):
         n = len(data.train_images)

@@ -30,6 +30,36 @@ def resolve_data_dir(option: str | Path | None = None) -> Path:
     return Path(chosen).expanduser()
 
 
+def only_classes(data, wanted, flag: str = "--classes"):
+    """``data`` (an :class:`~cifarx.ImageData`) with only the images of the ``wanted`` classes,
+    named or numbered, relabelled 0, 1, ... in the order given: a task of its own (cat
+    against dog), or the classes a model trained on such a task predicts."""
+    from ..plugin_api.types import ImageData
+
+    chosen = []
+    for item in wanted:
+        text = str(item).strip()
+        index = data.classes.index(text) if text in data.classes else \
+            int(text) if text.isdigit() and int(text) < len(data.classes) else None
+        if index is None:
+            raise UserError(f"{flag}: no class {text!r}; accepted: "
+                            f"{', '.join(data.classes)} (or their numbers 0-"
+                            f"{len(data.classes) - 1})")
+        if index not in chosen:
+            chosen.append(index)
+    if len(chosen) < 2:
+        raise UserError(f"{flag}: name at least two classes, got {len(chosen)}")
+    relabel = torch.full((len(data.classes),), -1, dtype=torch.int64)
+    relabel[chosen] = torch.arange(len(chosen))
+    parts = {}
+    for split in ("train", "test"):
+        labels = relabel[getattr(data, f"{split}_labels")]
+        keep = labels >= 0
+        parts[f"{split}_images"] = getattr(data, f"{split}_images")[keep]
+        parts[f"{split}_labels"] = labels[keep]
+    return ImageData(**parts, classes=tuple(data.classes[i] for i in chosen), source=data.source)
+
+
 def md5sum(path: Path) -> str:
     digest = hashlib.md5()
     with open(path, "rb") as f:
