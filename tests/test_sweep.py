@@ -62,7 +62,7 @@ def test_trials_are_complete_child_runs_of_the_sweep(swept):
     # where it ran, and cifarx as its source, not the worker's interpreter (item 4)
     assert {(r.data.tags["cifarx.host"], r.data.tags["mlflow.source.name"])
             for r in [parent, *children]} == {(socket.gethostname(), "cifarx")}
-    assert parent.info.status == "FINISHED"
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "sweep lr"
     assert json.loads(parent.data.params["axis.lr"]) == ["0.05", "0.1", "1e12"]  # as written
     artifacts = {a.path for a in MlflowClient(uri).list_artifacts(parent.info.run_id)}
     assert {"sweep.json", "sweep.csv", "study.json", "figures"} <= artifacts
@@ -141,6 +141,15 @@ def test_resume_runs_exactly_the_missing_and_failed_trials(swept, data_dir):
     new = [r for r in after if r.info.run_id not in {b.info.run_id for b in before}]
     assert len(new) == 2 and all(r.data.params["lr"] == "1000000000000.0" for r in new)
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in new)
+
+
+def test_a_sweep_of_seeds_only_is_named_by_its_study(data_dir, tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = cli("sweep", *tiny(data_dir), "--seeds", "2", "--tracking-uri", uri,
+                 "--experiment", "recipe")
+    assert result.exit_code == 0, result.output
+    (parent,) = [r for r in runs_of(uri, "recipe") if r.data.tags.get("cifarx.sweep")]
+    assert parent.info.run_name == "sweep recipe, 2 seeds"
 
 
 def test_dry_run_lists_the_trials_and_opens_no_run(data_dir, tmp_path):

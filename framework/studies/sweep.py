@@ -151,7 +151,8 @@ def sweep_run(sweep: SweepPlan, resume: str | None = None,
     tags = {SWEEP_TAG: "true", DIGEST_TAG: sweep.digest, EXECUTOR_TAG: sweep.executor.name,
             EXECUTOR_OPTIONS_TAG: json.dumps(sweep.executor_options, sort_keys=True),
             f"cifarx.plugin.executor.{sweep.executor.name}": f"{package}=={version}"}
-    name = f"sweep {', '.join(axes_of(study)) or 'seeds'}"
+    # named by what it varies; one configuration over seeds, by its study (experiment)
+    name = f"sweep {', '.join(axes_of(study)) or f'{study.experiment}, {len(study.seeds)} seeds'}"
     total = study.trials * len(study.seeds) if sweep.search else len(sweep.trials)
     description = description or f"Study {study.experiment}: {total} trials, " \
         f"{study.search} search over {', '.join(axes_of(study)) or 'seeds'}"

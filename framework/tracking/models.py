@@ -111,7 +111,8 @@ def _installed() -> str:
                                  if e.name.endswith((".dist-info", ".egg-info")))
         except OSError:
             continue
-        digest.update(repr((entry, folders)).encode())
+        if folders:  # the working directory (sys.path's '') holds none, wherever it is
+            digest.update(repr((entry, folders)).encode())
     return digest.hexdigest()[:16]
 
 
