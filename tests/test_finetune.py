@@ -151,6 +151,23 @@ def test_only_classes_keeps_their_images_relabelled_in_order():
         only_classes(data, ("a", "0"))
 
 
+def test_commands_test_a_model_of_some_classes_on_their_images():
+    from cifarx import ImageData
+    from cifarx.runs import model_classes
+
+    images = torch.zeros(6, 3, 2, 2, dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    data = ImageData(images, labels, images, labels, ("a", "b", "c"), "here")
+    two = nn.Linear(1, 2)
+    two.classes = ("c", "a")
+    classes, theirs = model_classes(two, data)
+    assert classes == ("c", "a") and theirs.test_labels.tolist() == [1, 0, 1, 0]
+    assert model_classes(nn.Linear(1, 3), data)[1] is data  # no classes named: the dataset's
+    two.classes = ("x", "y")  # not the dataset's: refused, not guessed
+    with pytest.raises(UserError, match="the model predicts 2 classes, the dataset has 3"):
+        model_classes(two, data)
+
+
 def test_a_model_of_some_classes_is_trained_tested_and_transferred(small, data_dir, tmp_path):
     """--classes: the run trains and tests on those classes only; commands that test the
     model use those classes' test images; --init-from it onto other classes is a transfer
