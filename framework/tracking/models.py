@@ -11,6 +11,7 @@ import importlib.metadata
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
 
@@ -51,12 +52,15 @@ def requirements_for(model: nn.Module, extra: tuple[str, ...] = ()) -> list[str]
     return sorted(requirements)
 
 
+_handing_over = threading.Lock()
+
+
 @functools.cache
 def _distributions() -> Mapping[str, list[str]]:
     """Top-level module -> its distributions, as MLflow maps them.
 
     MLflow builds this map whenever it logs a model (to check the pinned requirements against
-    what is installed) by reading every installed distribution's file list: 1.2 s of each run.
+    what is installed) by reading every installed distribution's file list: 0.8 s of each run.
     The scan's result is kept on disk under a fingerprint of the installed distributions
     (:func:`_installed`) and handed to MLflow, so an environment pays the scan once, and
     cifarx and MLflow share one map.
@@ -65,14 +69,15 @@ def _distributions() -> Mapping[str, list[str]]:
         from mlflow.utils import requirements_utils as mlflow_requirements
 
         metadata = mlflow_requirements.importlib_metadata
-        scan = metadata.packages_distributions
-        if mlflow_requirements._MODULES_TO_PACKAGES is None:
-            found = _cached_scan(scan)
-            metadata.packages_distributions = lambda: found  # what scan() gives here, kept
-            try:
-                mlflow_requirements._init_modules_to_packages_map()
-            finally:
-                metadata.packages_distributions = scan
+        with _handing_over:  # two threads swapping at once could leave the stand-in there
+            if mlflow_requirements._MODULES_TO_PACKAGES is None:
+                scan = metadata.packages_distributions
+                found = _cached_scan(scan)
+                metadata.packages_distributions = lambda: found  # what scan() gives here
+                try:
+                    mlflow_requirements._init_modules_to_packages_map()
+                finally:
+                    metadata.packages_distributions = scan
         if isinstance(mlflow_requirements._MODULES_TO_PACKAGES, dict):
             return mlflow_requirements._MODULES_TO_PACKAGES
     except (ImportError, AttributeError):  # another MLflow: a scan of our own
