@@ -274,3 +274,20 @@ def test_a_study_names_its_baseline_and_the_report_uses_it(data_dir, tmp_path):
     bad.write_text(study.read_text().replace("{lr = 0.05}", "{iters = 4}"))
     result = cli("sweep", bad, "--dry-run", "--tracking-uri", uri)
     assert result.exit_code == 2 and "iters is not swept" in result.stderr
+
+
+def test_configurations_are_named_by_their_options_not_by_parameter_counts():
+    from cifarx.reports.data import RunRecord, group_runs
+
+    def record(batchnorm, dropout, count, seed):
+        params = {"arch": "table1", "arch.batchnorm": batchnorm, "arch.dropout": dropout,
+                  "parameters": count, "trainable_parameters": count, "seed": str(seed)}
+        return RunRecord(f"{batchnorm}{dropout}{seed}", "", "FINISHED", params, {}, {})
+
+    records = [record(b, d, "145770" if b == "true" else "145578", s)
+               for b in ("true", "false") for d in ("0.0", "0.5") for s in (0, 1)]
+    groups = group_runs(records)
+    assert [g.label for g in groups] == [
+        "arch.batchnorm=true arch.dropout=0.0", "arch.batchnorm=true arch.dropout=0.5",
+        "arch.batchnorm=false arch.dropout=0.0", "arch.batchnorm=false arch.dropout=0.5"]
+    assert all(len(g.runs) == 2 for g in groups)

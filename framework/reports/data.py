@@ -20,6 +20,10 @@ from ..studies import compare as cmp
 # Params that say where and how a run was computed, not what was trained: a configuration's
 # seeds may differ in them. They are listed in the protocol.
 ENVIRONMENT = ("seed", "data_dir", "device", "threads", "checkpoint_every")
+# Counted by a run from what it was given, never chosen: a configuration is named by its
+# options (arch.batchnorm=false), not by their consequence (trainable_parameters=145578).
+COUNTED = ("parameters", "trainable_parameters", "val_images", "adv_data_images",
+           "adv_data_test_images")
 CURVES = ("test/acc", "train/loss")
 SWEEP_TAG = "cifarx.sweep"
 
@@ -97,8 +101,8 @@ def group_runs(records: list[RunRecord]) -> list[Group]:
     names = sorted({name for c in configs.values() for name in c})
     varying = [n for n in names if len({c.get(n) for c in configs.values()}) > 1]
     # A param that only follows another (aug.flip.p is set where aug has flip) names nothing
-    # new: leave it out of the labels while the configurations stay told apart.
-    for name in sorted(varying, key=lambda n: -n.count(".")):
+    # new: leave it out of the labels while the configurations stay told apart, counts first.
+    for name in sorted(varying, key=lambda n: (n not in COUNTED, -n.count("."))):
         rest = [n for n in varying if n != name]
         if len({tuple(c.get(n) for n in rest) for c in configs.values()}) == len(configs):
             varying = rest
