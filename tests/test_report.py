@@ -274,6 +274,19 @@ def test_a_study_names_its_baseline_and_the_report_uses_it(data_dir, tmp_path):
     bad.write_text(study.read_text().replace("{lr = 0.05}", "{iters = 4}"))
     result = cli("sweep", bad, "--dry-run", "--tracking-uri", uri)
     assert result.exit_code == 2 and "iters is not swept" in result.stderr
+    # with [[configurations]], the baseline must name exactly one of the combinations
+    listed = tmp_path / "listed.toml"
+    listed.write_text(study.read_text().replace("baseline = {lr = 0.05}", "{baseline}") + (
+        '[[configurations]]\noptimizer = "sgd"\n[[configurations]]\noptimizer = "adam"\n'))
+    for baseline, found in (('{optimizer = "lion"}', 0), ('{optimizer = "adam"}', 2)):
+        bad.write_text(listed.read_text().replace("{baseline}", f"baseline = {baseline}"))
+        result = cli("sweep", bad, "--dry-run", "--tracking-uri", uri)
+        assert result.exit_code == 2, result.output
+        assert f"matches {found} configurations, not one; the configurations: " \
+            "optimizer=sgd, lr=0.05; optimizer=sgd, lr=0.1; " in result.stderr
+    bad.write_text(listed.read_text().replace(
+        "{baseline}", 'baseline = {optimizer = "adam", lr = 0.1}'))
+    assert cli("sweep", bad, "--dry-run", "--tracking-uri", uri).exit_code == 0
 
 
 def test_configurations_are_named_by_their_options_not_by_parameter_counts():

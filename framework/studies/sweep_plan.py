@@ -87,6 +87,8 @@ def plan_sweep(study: Study, executor: str = "local", executor_options=(),
     points = configurations(study, [search.axes(p) for p in search.first]) if search else checked
     if not points:
         raise UserError("the study has no configuration: its grid is empty")
+    if study.baseline and study.search == "grid":
+        check_baseline(study.baseline, points)
     for point in (checked + points if search else points):
         try:
             make_plan(point.config, catalog)
@@ -110,6 +112,21 @@ def plan_sweep(study: Study, executor: str = "local", executor_options=(),
     return SweepPlan(study, points, trials, found, values, uri,
                      digest(raw_of(study)) if search else digest(sorted(t.key for t in trials)),
                      search)
+
+
+def check_baseline(baseline: Mapping[str, Any], points: list[Configuration]):
+    """The baseline names one configuration of the grid, or the sweep would run and then fall
+    back to the best: one line before any run opens."""
+    from .compare import same_value
+
+    found = [p for p in points if all(
+        k in p.axes and same_value(v, show(p.axes[k])) for k, v in baseline.items())]
+    if len(found) != 1:
+        named = ", ".join(f"{k} = {show(v)}" for k, v in baseline.items())
+        listed = "; ".join(", ".join(f"{k}={show(v)}" for k, v in p.axes.items())
+                           for p in points[:8]) + ("; ..." if len(points) > 8 else "")
+        raise UserError(f"baseline {named} matches {len(found)} configurations, not one; "
+                        f"the configurations: {listed}")
 
 
 def parallelism(executor: str, options: dict[str, Any]) -> int:
