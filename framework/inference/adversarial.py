@@ -22,6 +22,7 @@ from ..errors import UserError
 from ..plugin_api.options import OptionError, flag_label, reword
 from ..plugin_api.types import Attack, AttackResult
 from ..tracking.run import Run
+from ..training.data import class_index
 from .predict import predict
 
 SET_ARTIFACT = "adversarial/set.pt"
@@ -37,12 +38,10 @@ def resolve_target(value: Any, classes: tuple[str, ...], flag: str = "--target"
     its index."""
     if value is None or value == "next":
         return value
-    text = str(value)
-    if text.isdigit() and int(text) < len(classes):
-        return int(text)
-    if text in classes:
-        return classes.index(text)
-    raise UserError(f"{flag} {text!r} is not a class of this model; accepted: next, 0 to "
+    index = class_index(str(value), classes)
+    if index is not None:
+        return index
+    raise UserError(f"{flag} {str(value)!r} is not a class of this model; accepted: next, 0 to "
                     f"{len(classes) - 1}, or a name: {', '.join(classes)}")
 
 

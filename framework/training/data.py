@@ -30,6 +30,13 @@ def resolve_data_dir(option: str | Path | None = None) -> Path:
     return Path(chosen).expanduser()
 
 
+def class_index(text: str, classes: tuple[str, ...]) -> int | None:
+    """A class given by its number or its name -> its number; None if it is neither."""
+    if text.isdigit() and int(text) < len(classes):
+        return int(text)
+    return classes.index(text) if text in classes else None
+
+
 def only_classes(data, wanted, flag: str = "--classes"):
     """``data`` (an :class:`~cifarx.ImageData`) with only the images of the ``wanted`` classes,
     named or numbered, relabelled 0, 1, ... in the order given: a task of its own (cat
@@ -39,8 +46,7 @@ def only_classes(data, wanted, flag: str = "--classes"):
     chosen = []
     for item in wanted:
         text = str(item).strip()
-        index = data.classes.index(text) if text in data.classes else \
-            int(text) if text.isdigit() and int(text) < len(data.classes) else None
+        index = class_index(text, data.classes)
         if index is None:
             raise UserError(f"{flag}: no class {text!r}; accepted: "
                             f"{', '.join(data.classes)} (or their numbers 0-"
