@@ -92,6 +92,31 @@ def test_distribution_scan_is_kept_per_environment(tmp_path, monkeypatch):
     assert models._cached_scan(scan)["torch"] == ["torch"] and len(scans) == 4
 
 
+def test_distribution_maps_unused_for_a_month_are_pruned(tmp_path, monkeypatch):
+    """A new map drops the ones no environment has read for 30 days; a map in use is kept."""
+    import os
+    import time
+
+    from cifarx.tracking import models
+
+    monkeypatch.setattr(sys, "path", [str(tmp_path / "site")])
+    (tmp_path / "site" / "demo-1.0.dist-info").mkdir(parents=True)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = tmp_path / "cache" / "cifarx"
+    folder.mkdir(parents=True)
+    month_ago = time.time() - 31 * 86400
+    for name in ("distributions-stale.json", "distributions-used.json", "distributions-new.json"):
+        (folder / name).write_text("{}")
+        os.utime(folder / name, (month_ago, month_ago))
+    os.utime(folder / "distributions-new.json")  # another environment's, recent
+    monkeypatch.setattr(models, "_installed", lambda: "used")
+    models._cached_scan(dict)  # a hit: marks it used, prunes nothing
+    monkeypatch.setattr(models, "_installed", lambda: "fresh")
+    models._cached_scan(dict)  # a miss: written, and the stale one dropped
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "distributions-fresh.json", "distributions-new.json", "distributions-used.json"]
+
+
 class Exploding:
     """An architecture whose forward fails on its 12th call, and a probe that interrupts."""
 

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
 
@@ -91,7 +92,9 @@ def _cached_scan(scan) -> Mapping[str, list[str]]:
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "cifarx",
                  f"distributions-{_installed()}.json")
     try:
-        return json.loads(cache.read_text())
+        found = json.loads(cache.read_text())
+        os.utime(cache)  # in use: kept by the pruning below
+        return found
     except (OSError, ValueError):
         pass
     found = {module: list(dists) for module, dists in scan().items()}
@@ -100,9 +103,22 @@ def _cached_scan(scan) -> Mapping[str, list[str]]:
         partial = cache.with_suffix(f".{os.getpid()}.tmp")
         partial.write_text(json.dumps(found))  # in order: MLflow inverts it
         partial.replace(cache)
+        _prune(cache.parent)
     except OSError:  # a read-only home: scan each time
         pass
     return found
+
+
+def _prune(folder: Path, days: float = 30) -> None:
+    """Drop the maps no environment has used for ``days`` (each install makes a new one;
+    several virtual environments share the folder, so the others' are not dropped at once)."""
+    stale = time.time() - days * 86400
+    for old in folder.glob("distributions-*.json"):
+        try:
+            if old.stat().st_mtime < stale:
+                old.unlink()
+        except OSError:  # another process pruned it first
+            pass
 
 
 def _installed() -> str:
