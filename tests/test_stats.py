@@ -192,6 +192,22 @@ def test_constant_values_compare_exactly():
         [("y", 1.0, "indistinguishable"), ("z", 0.0, "worse")]
 
 
+def test_equal_means_differ_by_exactly_zero_paired_and_welch():
+    """Accuracies with equal sums have equal means: a difference of 0, not 3.7e-17 (the
+    activations study showed one), and an effect size of 0."""
+    from cifarx.studies import compare as cmp
+
+    base = {0: 0.7302, 1: 0.7476, 2: 0.7201}
+    other = {0: 0.7457, 1: 0.7316, 2: 0.7206}  # 21979 / 30000 both
+    assert np.mean([other[s] - base[s] for s in base]) != 0  # the rounding this is about
+    assert np.mean(list(other.values())) - np.mean(list(base.values())) != 0
+    (paired,) = cmp.compare({"x": other, "base": base}, control="base")
+    (welch,) = cmp.compare({"x": dict(zip((5, 6, 7), other.values())), "base": base},
+                           control="base")
+    for c in (paired, welch):
+        assert c.difference == 0.0 and c.effect_size == 0.0 and c.p == pytest.approx(1.0)
+
+
 def test_verdict_counts_and_what_the_seeds_could_miss():
     ranked = stats.rank(stats.summarize(trials(), ["test/acc"]), "test/acc")
     text = stats.verdict(ranked, "test/acc")

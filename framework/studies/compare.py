@@ -85,6 +85,13 @@ def adjust(pvalues: list[float], method: str = "holm") -> list[float]:
     return out
 
 
+def _rounding_is_zero(difference: float, *samples: Mapping[int, float]) -> float:
+    """0 for a difference of means that is only rounding (equal means summed in another
+    order), which would otherwise be reported as a difference of -3.7e-17."""
+    scale = max(abs(v) for sample in samples for v in sample.values())
+    return 0.0 if abs(difference) <= 1e-12 * scale else difference
+
+
 def _two(values: Mapping[int, float], control: Mapping[int, float], confidence: float):
     """(test, difference, ci_low, ci_high, effect size, p, standard error, df)."""
     import numpy as np
@@ -95,7 +102,7 @@ def _two(values: Mapping[int, float], control: Mapping[int, float], confidence: 
         d = np.array([values[s] - control[s] for s in seeds])
         n = len(d)
         sd = float(d.std(ddof=1))
-        mean = float(d.mean())
+        mean = _rounding_is_zero(float(d.mean()), values, control)
         if sd == 0:  # every seed moved by the same amount: no spread to test against
             effect = 0.0 if mean == 0 else math.copysign(math.inf, mean)
             return "paired", mean, mean, mean, effect, (1.0 if mean == 0 else 0.0), 0.0, n - 1
@@ -107,7 +114,7 @@ def _two(values: Mapping[int, float], control: Mapping[int, float], confidence: 
     b = np.array(list(control.values()), dtype=float)
     n1, n2 = len(a), len(b)
     v1, v2 = float(a.var(ddof=1)), float(b.var(ddof=1))
-    mean = float(a.mean() - b.mean())
+    mean = _rounding_is_zero(float(a.mean() - b.mean()), values, control)
     se = math.sqrt(v1 / n1 + v2 / n2)
     pooled = math.sqrt(((n1 - 1) * v1 + (n2 - 1) * v2) / (n1 + n2 - 2))
     g = NAN if pooled == 0 else mean / pooled * (1 - 3 / (4 * (n1 + n2) - 9))  # Hedges' correction
