@@ -221,6 +221,23 @@ def test_verdict_counts_and_what_the_seeds_could_miss():
     assert stats.verdict([], "test/acc").startswith("No configuration")
 
 
+def test_verdict_names_set_axes_only_and_the_range_of_what_seeds_could_miss():
+    """An axis a configuration leaves unset runs at its default: "wd=None" is not its name.
+    What the seeds could miss is given for the least and the most steady configuration."""
+    acc = {"a": [0.80, 0.81, 0.82], "b": [0.79, 0.80, 0.82], "c": [0.70, 0.80, 0.90]}
+    axes = {"a": {"opt": "sgd", "wd": None}, "b": {"opt": "adam", "wd": 0.0},
+            "c": {"opt": "ada", "wd": 0.0}}
+    rows = [{"config": k, "axes": axes[k], "seed": s, "metrics": {"acc": v}}
+            for k in acc for s, v in enumerate(acc[k])]
+    ranked = stats.rank(stats.summarize(rows, ["acc"]), "acc", control="a")
+    text = stats.verdict(ranked, "acc")
+    assert text.startswith("Against the baseline, opt=sgd (acc mean 0.81): 2 indistinguishable")
+    detectable = sorted(r["_detectable"] for r in ranked if r["verdict"] == "indistinguishable")
+    assert (f"could miss a true difference under about {detectable[1] * 100:.1f} percentage "
+            f"points ({detectable[0] * 100:.1f} percentage points for the steadiest "
+            "configuration) (80% power).") in text
+
+
 def test_csv_and_json_columns_order_and_float32_precision(tmp_path):
     """The axes first and the digest last; statistics at the precision of the float32
     accuracies they summarize (0.4427, not 0.44269999861717224: issue 21 item 7)."""

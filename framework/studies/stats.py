@@ -185,7 +185,9 @@ def rank(summary: list[Mapping[str, Any]], metric: str, direction: str = "maximi
 
 def _name(row: Mapping[str, Any]) -> str:
     axes = row.get("_axes") or ()
-    return ", ".join(f"{a}={row.get(a)}" for a in axes) if axes else str(row.get("config"))
+    # an axis a configuration leaves unset (None) runs at its default: not part of its name
+    return (", ".join(f"{a}={row.get(a)}" for a in axes if row.get(a) is not None) if axes
+            else str(row.get("config")))
 
 
 def _amount(metric: str, difference: float, means: list[float]) -> str:
@@ -232,8 +234,10 @@ def verdict(ranked: list[Mapping[str, Any]], metric: str, alpha: float = 0.05,
             text += (f" So few seeds cannot detect any difference at {POWER:.0%} power: run "
                      "more.")
         else:
-            text += (f" These seeds could miss a true difference under about "
-                     f"{_amount(metric, max(missed), means)} ({POWER:.0%} power).")
+            least, most = _amount(metric, min(missed), means), _amount(metric, max(missed), means)
+            text += (f" These seeds could miss a true difference under about {most}"
+                     + (f" ({least} for the steadiest configuration)" if least != most else "")
+                     + f" ({POWER:.0%} power).")
     return text
 
 
