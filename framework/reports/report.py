@@ -250,14 +250,22 @@ def _curves(groups: list[Group], metric: str, figures, log: bool = False,
         series.append((g.label, steps, stacked.mean(0), stacked.std(0, ddof=0), len(curves)))
     if not series:
         return None
-    fig, ax = figures.plt.subplots(figsize=(8, 4.2))
-    for label, steps, mean, std, n in series:
-        line, = ax.plot(steps, mean, lw=1.5, label=f"{label} (n={n})")
+    # many configurations: a legend below the plot (inside, it hid the curves) and 20 colours
+    many = len(series) > 6
+    rows = (len(series) + 1) // 2
+    fig, ax = figures.plt.subplots(figsize=(8, 4.2 + 0.16 * rows if many else 4.2))
+    colours = figures.plt.get_cmap("tab20" if len(series) > 10 else "tab10")
+    for i, (label, steps, mean, std, n) in enumerate(series):
+        line, = ax.plot(steps, mean, lw=1.5, label=f"{label} (n={n})",
+                        color=colours(i % colours.N), ls="-" if i < colours.N else "--")
         ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2, lw=0)
     ax.set_xlabel("iteration")
     ax.set_ylabel(f"log10 {metric}" if log else metric)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if many:
+        ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.12))
+    else:
+        ax.legend(fontsize=7)
     ax.set_title(f"{metric}: mean over seeds, band +-1 std")
     fig.tight_layout()
     name = name or "curve-" + metric.replace("/", "_")
