@@ -304,3 +304,20 @@ def test_configurations_are_named_by_their_options_not_by_parameter_counts():
         "arch.batchnorm=true arch.dropout=0.0", "arch.batchnorm=true arch.dropout=0.5",
         "arch.batchnorm=false arch.dropout=0.0", "arch.batchnorm=false arch.dropout=0.5"]
     assert all(len(g.runs) == 2 for g in groups)
+
+
+def test_a_label_drops_only_what_follows_one_other_option():
+    """The defaults study: lr, schedule and weight decay alone tell its configurations apart,
+    but the optimizer is what a reader looks for; the momentum follows the optimizer."""
+    from cifarx.reports.data import RunRecord, group_runs
+
+    settings = [("nesterov", "0.9", "0.1", "onecycle"), ("nesterov", "0.9", "0.05", "cosine"),
+                ("adam", "0.9", "0.001", "none"), ("adagrad", "0.0", "0.05", "none"),
+                ("rmsprop", "0.0", "0.001", "cosine")]
+    records = [RunRecord(f"{o}{lr}{s}", "", "FINISHED", {"optimizer": o, "momentum": m, "lr": lr,
+                                                          "schedule": s, "seed": "0"}, {}, {})
+               for o, m, lr, s in settings]
+    assert [g.label for g in group_runs(records)] == [
+        "lr=0.1 optimizer=nesterov schedule=onecycle", "lr=0.05 optimizer=nesterov schedule=cosine",
+        "lr=0.001 optimizer=adam schedule=none", "lr=0.05 optimizer=adagrad schedule=none",
+        "lr=0.001 optimizer=rmsprop schedule=cosine"]
