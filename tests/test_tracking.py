@@ -117,6 +117,13 @@ def test_distribution_maps_unused_for_a_month_are_pruned(tmp_path, monkeypatch):
         "distributions-fresh.json", "distributions-new.json", "distributions-used.json"]
 
 
+    def read_only(*args):
+        raise PermissionError("a cache another user made")
+
+    monkeypatch.setattr(os, "utime", read_only)
+    assert models._cached_scan(lambda: pytest.fail("a readable cache is a hit")) == {}
+
+
 class Exploding:
     """An architecture whose forward fails on its 12th call, and a probe that interrupts."""
 

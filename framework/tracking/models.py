@@ -93,10 +93,14 @@ def _cached_scan(scan) -> Mapping[str, list[str]]:
                  f"distributions-{_installed()}.json")
     try:
         found = json.loads(cache.read_text())
-        os.utime(cache)  # in use: kept by the pruning below
-        return found
     except (OSError, ValueError):
         pass
+    else:
+        try:
+            os.utime(cache)  # in use: kept by the pruning below
+        except OSError:  # a cache others made, read-only here: still a hit
+            pass
+        return found
     found = {module: list(dists) for module, dists in scan().items()}
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
