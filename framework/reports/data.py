@@ -100,18 +100,17 @@ def group_runs(records: list[RunRecord]) -> list[Group]:
     configs = {key: json.loads(key) for key in keys}
     names = sorted({name for c in configs.values() for name in c})
     varying = [n for n in names if len({c.get(n) for c in configs.values()}) > 1]
-    # A param that only follows another (aug.flip.p is set where aug has flip, the momentum
-    # where the optimizer takes one) names nothing new: leave it out of the labels while the
-    # configurations stay told apart, counts first. Only one that follows a single other
-    # param: a set that merely tells them apart could drop the optimizer for its lr.
+    # A param that only follows one other (aug.flip.p is set where aug has flip, the momentum
+    # where the optimizer takes one) names nothing new: leave it out of the labels, counts
+    # first. The one it follows stays, so the configurations stay told apart; a set that
+    # merely told them apart could drop the optimizer for its lr.
     def follows(name: str, other: str) -> bool:
         pairs = {(c.get(other), c.get(name)) for c in configs.values()}
         return len(pairs) == len({other_value for other_value, _ in pairs})
 
     for name in sorted(varying, key=lambda n: (n not in COUNTED, -n.count("."))):
         rest = [n for n in varying if n != name]
-        if (any(follows(name, other) for other in rest)
-                and len({tuple(c.get(n) for n in rest) for c in configs.values()}) == len(configs)):
+        if any(follows(name, other) for other in rest):
             varying = rest
     groups = []
     for key, runs in keys.items():
